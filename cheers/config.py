@@ -1,0 +1,429 @@
+"""Typed configs, the flavour table, and strict YAML / dotted-override loading.
+
+Every config is a ``@dataclass(kw_only=True)``. ``from_dict`` rebuilds one from plain
+data and refuses unknown keys or values of the wrong type, naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cheers.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    """Qwen2 / Qwen2.5 / Qwen3 decoder-only transformer."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen2); Qwen3 sets it
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # bias on q/k/v (Qwen2: yes, Qwen3: no)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"llm.hidden_size={self.hidden_size} is not divisible by "
+                    f"llm.num_attention_heads={self.num_attention_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"llm.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"llm.num_key_value_heads={self.num_key_value_heads}"
+            )
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    """KL autoencoder in the original latent-diffusion layout (FLUX.2 type).
+
+    ``num_res_blocks`` follows that layout: the encoder has ``num_res_blocks`` residual
+    blocks per level, the decoder ``decoder_num_res_blocks + 1``.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    decoder_ch: int = 128
+    decoder_ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    decoder_num_res_blocks: int = 2
+    z_channels: int = 32
+    norm_groups: int = 32
+    latent_patch: int = 2  # the latent is patchified 2x2 before the BatchNorm
+    bn_eps: float = 1e-4
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell after patchify (8 * 2 = 16 at the reference)."""
+        return 2 ** (len(self.ch_mult) - 1) * self.latent_patch
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the patchified latent (32 * 4 = 128 at the reference)."""
+        return self.z_channels * self.latent_patch**2
+
+
+@dataclass(kw_only=True)
+class SiglipConfig:
+    """SigLIP / SigLIP2 (fixed resolution) vision transformer."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    patch_size: int = 16
+    image_size: int = 512
+    num_channels: int = 3
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    use_head: bool = False  # the attention-pooling head; its output is never used by Cheers
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """The unified vision tokenizer: VAE -> pixel decoder -> SigLIP2 -> 2x2 compressor."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    siglip: SiglipConfig = field(default_factory=SiglipConfig)
+    image_size: int = 512
+    compressor_hidden: int | None = None  # None: 4 x siglip width (the official MLP)
+    compressor_ln_eps: float = 1e-5
+
+
+@dataclass(kw_only=True)
+class FlowHeadConfig:
+    """The cascaded flow-matching head. Widths come from the LLM (stage A) and SigLIP (stage B)."""
+
+    stage_a_blocks: int = 7
+    stage_a_heads: int = 12
+    stage_a_kv_heads: int = 2
+    stage_b_blocks: int = 3
+    stage_b_heads: int = 16
+    stage_b_kv_heads: int = 2  # the official code takes these from the text config
+    mlp_ratio: int = 4
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    gate_ln_eps: float = 1e-5
+    time_freq_dim: int = 256
+    # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
+    # "raster": 0..N-1.
+    stage_b_positions: Literal["official", "raster"] = "official"
+
+
+@dataclass(kw_only=True)
+class TransportConfig:
+    """Flow-matching time sampling, target and sampler defaults (see flow_head/transport.py)."""
+
+    time_sampling: Literal["uniform", "logit_normal", "shifted"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    train_shift: float = 1.0  # for time_sampling="shifted"
+    # what the head's output means; the loss is always on the velocity x1 - x0.
+    prediction: Literal["velocity", "x1"] = "velocity"
+    flow_loss_weight: float = 1.0
+    cfg_drop_rate: float = 0.2
+    sample_steps: int = 80
+    sample_shift: float = 0.5
+    cfg_scale: float = 9.5
+    # the official sampler takes one extra Euler step of size 1/N past t = 1
+    official_last_step: bool = True
+
+
+@dataclass(kw_only=True)
+class SpecialTokens:
+    """Token ids the sequence builder needs (defaults: Qwen2.5 ids of the released model)."""
+
+    pad: int = 151643  # <|endoftext|>
+    chat_start: int = 151644  # <|im_start|>
+    eos: int = 151645  # <|im_end|>
+    image: int = 151665  # <image>: understanding placeholder
+    image_gen: int = 151666  # <image_gen>: generation placeholder
+    im_start: int = 151667  # opens an image block
+    im_end: int = 151668  # closes an image block
+    no_mean: int = 151669  # CFG null token
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The whole Cheers model."""
+
+    flavour: str = "custom"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    head: FlowHeadConfig = field(default_factory=FlowHeadConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    max_seq_len: int = 4096
+    # T2I prompts without an image get a dummy image block prepended (official quirk)
+    dummy_image_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        if tok.image_size % tok.vae.downsample:
+            raise ConfigError(
+                f"tokenizer.image_size={tok.image_size} is not a multiple of the latent cell "
+                f"size {tok.vae.downsample}"
+            )
+        if tok.vae.downsample != tok.siglip.patch_size:
+            raise ConfigError(
+                f"the latent grid must equal the SigLIP patch grid: VAE cell {tok.vae.downsample} px "
+                f"!= tokenizer.siglip.patch_size={tok.siglip.patch_size}"
+            )
+        if (tok.image_size // tok.siglip.patch_size) % 2:
+            raise ConfigError(
+                f"the SigLIP patch grid {tok.image_size // tok.siglip.patch_size} must be even "
+                "for the 2x2 compressor"
+            )
+        if self.llm.hidden_size % self.head.stage_a_heads:
+            raise ConfigError(
+                f"llm.hidden_size={self.llm.hidden_size} not divisible by head.stage_a_heads"
+            )
+        if tok.siglip.hidden_size % self.head.stage_b_heads:
+            raise ConfigError(
+                f"tokenizer.siglip.hidden_size={tok.siglip.hidden_size} not divisible by "
+                "head.stage_b_heads"
+            )
+
+    @property
+    def latent_grid(self) -> int:
+        """Side of the latent / SigLIP patch grid (32 at 512 px)."""
+        return self.tokenizer.image_size // self.tokenizer.siglip.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM tokens per image after the 2x2 compressor (256 at 512 px)."""
+        return (self.latent_grid // 2) ** 2
+
+
+# --------------------------------------------------------------------------- flavours
+
+
+def _flavour_cheers_1_5b() -> ModelConfig:
+    return ModelConfig(flavour="cheers-1.5b")
+
+
+def _flavour_debug() -> ModelConfig:
+    """Tiny: 64 px images, 4x4 latent grid, 4 LLM tokens per image, a 2-layer LLM."""
+    return ModelConfig(
+        flavour="debug",
+        llm=LLMConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+        tokenizer=TokenizerConfig(
+            image_size=64,
+            vae=VAEConfig(
+                ch=32,
+                ch_mult=[2, 1, 1, 1],
+                num_res_blocks=1,
+                decoder_ch=32,
+                decoder_ch_mult=[2, 1, 1, 1],
+                decoder_num_res_blocks=0,
+                z_channels=8,
+            ),
+            siglip=SiglipConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                patch_size=16,
+                image_size=64,
+            ),
+        ),
+        head=FlowHeadConfig(
+            stage_a_blocks=2, stage_a_heads=4, stage_a_kv_heads=2,
+            stage_b_blocks=1, stage_b_heads=4, stage_b_kv_heads=2,
+        ),
+        tokens=SpecialTokens(
+            pad=300, chat_start=301, eos=302, image=303, image_gen=304,
+            im_start=305, im_end=306, no_mean=307,
+        ),
+        max_seq_len=512,
+    )
+
+
+FLAVOURS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "debug": _flavour_debug,
+    "cheers-1.5b": _flavour_cheers_1_5b,
+}
+
+
+def register_flavour(name: str, builder: typing.Callable[[], ModelConfig]) -> None:
+    """Add a named flavour (used by the shapes world)."""
+    FLAVOURS[name] = builder
+
+
+def flavour(name: str) -> ModelConfig:
+    """The ``ModelConfig`` of a named flavour."""
+    if name not in FLAVOURS:
+        raise ConfigError(f"unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}")
+    return FLAVOURS[name]()
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def _check_value(tp: Any, value: Any, key: str) -> Any:
+    """Coerce ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_check_value(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid keys of {prefix or cls.__name__}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _check_value(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON-able dict of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.llm.hidden_size=64"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a dict that may name a base ``flavour`` and override parts of it."""
+    data = dict(data)
+    name = data.get("flavour")
+    if name is not None and name in FLAVOURS:
+        base = to_dict(flavour(name))
+        data = merge(base, data)
+    return from_dict(ModelConfig, data, prefix="model.")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    """Write a config as pretty JSON (the ``config.json`` beside every checkpoint)."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
