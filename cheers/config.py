@@ -101,7 +101,8 @@ class SiglipConfig:
     num_channels: int = 3
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
-    use_head: bool = False  # the attention-pooling head; its output is never used by Cheers
+    # the attention-pooling head of released checkpoints: stored and loaded, output never used
+    use_head: bool = True
 
 
 @dataclass(kw_only=True)
@@ -258,6 +259,7 @@ def _flavour_debug() -> ModelConfig:
                 num_attention_heads=4,
                 patch_size=16,
                 image_size=64,
+                use_head=False,
             ),
         ),
         head=FlowHeadConfig(

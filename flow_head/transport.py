@@ -1,0 +1,117 @@
+"""Flow-matching maths: time convention, time sampling, interpolation, loss and ODE samplers.
+
+The one time convention of the project (the network never sees another):
+
+    x1 = clean data latent, x0 ~ N(0, I) noise,
+    xt = t * x1 + (1 - t) * x0,   velocity target v = x1 - x0,   t = 1 is clean.
+
+The network (``flow_head/model.py``) only predicts; everything about ``t`` lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cheers.config import TransportConfig
+from cheers.errors import InputError
+
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def interpolate(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``xt = t x1 + (1 - t) x0``; ``t`` [N] broadcasts over the trailing dims of ``x1`` [N, ...]."""
+    t = t.reshape(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
+    return t * x1 + (1 - t) * x0
+
+
+def velocity_target(x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The velocity of the straight path, pointing from noise to data: ``x1 - x0``."""
+    return x1 - x0
+
+
+def velocity_from_x1(x1_pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_min: float = 0.05):
+    """Velocity implied by a clean-data prediction: ``(x1_pred - xt) / (1 - t)``.
+
+    ``1 - t`` is clamped at ``t_min`` so the conversion stays finite near t = 1.
+    """
+    t = t.reshape(-1, *([1] * (xt.dim() - 1))).to(xt.dtype)
+    return (x1_pred - xt) / (1 - t).clamp_min(t_min)
+
+
+def flow_loss(v_pred: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity (mean over all elements)."""
+    return F.mse_loss(v_pred.float(), velocity_target(x1, x0).float())
+
+
+def time_shift(t: torch.Tensor | float, a: float):
+    """``shift(t) = a t / (1 + (a - 1) t)``: a < 1 spends more steps near the noise end (t = 0)."""
+    return a * t / (1 + (a - 1) * t)
+
+
+def sample_time(n: int, cfg: TransportConfig, *, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training times ``t`` [n] in [0, 1] by ``cfg.time_sampling``."""
+    if cfg.time_sampling == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if cfg.time_sampling == "logit_normal":
+        z = torch.randn(n, generator=generator, device=device)
+        return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+    if cfg.time_sampling == "shifted":
+        return time_shift(torch.rand(n, generator=generator, device=device), cfg.train_shift)
+    raise InputError(f"unknown time_sampling {cfg.time_sampling!r}")
+
+
+def time_grid(steps: int, shift: float, start: float = 0.0) -> list[float]:
+    """``steps`` times from ``start`` to 1 (both included), warped by ``time_shift``."""
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return [float(time_shift(start, shift))]
+    lin = torch.linspace(start, 1.0, steps, dtype=torch.float64)
+    return [float(v) for v in time_shift(lin, shift)]
+
+
+def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: float,
+               sampler: str = "euler", t_start: float = 0.0, official_last_step: bool = True,
+               callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Integrate ``dx/dt = velocity(x, t)`` from ``t_start`` to 1.
+
+    ``euler``: the official Cheers sampler. The time grid is ``time_shift(linspace(t_start, 1, steps))``;
+    each step evaluates the velocity once. With ``official_last_step`` the velocity predicted at
+    t = 1 is still applied, as one extra step of size ``1 / steps`` (what the released code does);
+    without it the last evaluation is skipped, and the sampler is plain Euler over the grid.
+    ``heun``: second order (two evaluations per interval), ends exactly at t = 1.
+    """
+    if sampler not in ("euler", "heun"):
+        raise InputError(f"unknown sampler {sampler!r}; use 'euler' or 'heun'")
+    grid = time_grid(steps, shift, t_start)
+    if sampler == "euler":
+        for n, t in enumerate(grid):
+            last = n == len(grid) - 1
+            if last and not official_last_step and len(grid) > 1:
+                break
+            v = velocity(x, t)
+            dt = (1.0 / steps) if (last or t == 1.0) else grid[n + 1] - t
+            x = x + v * dt
+            if callback:
+                callback(n)
+        return x
+    for n in range(len(grid) - 1):
+        t, t_next = grid[n], grid[n + 1]
+        v = velocity(x, t)
+        x_euler = x + v * (t_next - t)
+        v_next = velocity(x_euler, t_next)
+        x = x + 0.5 * (v + v_next) * (t_next - t)
+        if callback:
+            callback(n)
+    return x
+
+
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Frequencies of the sinusoidal time embedding: ``exp(-ln(max_period) i / (dim/2))``."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)

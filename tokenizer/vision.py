@@ -1,0 +1,64 @@
+"""The unified vision tokenizer: pixels -> VAE latent x1; any latent xt -> LLM tokens.
+
+    pixels [B, 3, H, W] in [0, 1] --VAE encoder + 2x2 patchify + BN--> x1 [B, C, G, G]
+    xt [B, C, G, G] --pixel decoder--> pixels --SigLIP2--> [B, G*G, D_sig] --2x2 compressor--> [B, (G/2)^2, D_llm]
+
+At 512 px: C = 128, G = 32, D_sig = 1152, 256 LLM tokens of width 1536.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cheers.config import ModelConfig
+from cheers.errors import InputError
+from cheers.tokenizer.compressor import TokenCompressor
+from cheers.tokenizer.siglip import SiglipVision
+from cheers.tokenizer.vae import VAE, PixelDecoder
+
+
+class VisionTokenizer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        tc = cfg.tokenizer
+        self.image_size = tc.image_size
+        self.vae = VAE(tc.vae)
+        self.pixel_decoder = PixelDecoder(tc.vae)
+        self.siglip = SiglipVision(tc.siglip)
+        hidden = tc.compressor_hidden or 4 * tc.siglip.hidden_size
+        self.compressor = TokenCompressor(tc.siglip.hidden_size, hidden, cfg.llm.hidden_size,
+                                          eps=tc.compressor_ln_eps)
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise InputError(f"images must be [B, 3, H, W] RGB, got shape {tuple(pixels.shape)}")
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise InputError(
+                f"images must be {self.image_size}x{self.image_size} for this model, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]} (shape {tuple(pixels.shape)})"
+            )
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latent x1 [B, C, G, G] of images in [0, 1]."""
+        self.check_pixels(pixels)
+        return self.vae.encode(pixels)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] (unclamped) of a normalised latent, through the frozen VAE decoder."""
+        return self.vae.decode(latent)
+
+    def forward(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy latent xt [B, C, G, G] -> (LLM tokens [B, (G/2)^2, D_llm], SigLIP patch embeddings [B, G*G, D_sig])."""
+        pixels = self.pixel_decoder(xt)
+        feats, patch_embeds = self.siglip(pixels)
+        return self.compressor(feats), patch_embeds
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return self.siglip.fsdp_units()
+
+    def init_weights(self) -> None:
+        self.vae.init_weights()
+        self.pixel_decoder.init_weights()
+        self.siglip.init_weights()
+        self.compressor.init_weights()
