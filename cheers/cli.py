@@ -1,0 +1,269 @@
+"""``cheers`` command line: demo, generate, edit, understand, chat, train, export, convert, init, info.
+
+Every command is a thin shell over the Python API. Errors on bad input print one line naming
+the problem and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cheers.errors import CheersError
+
+
+def _ckpt_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
+    p.add_argument("--device", default="cpu")
+
+
+def _pipeline(args):
+    from cheers.pipeline import Pipeline, default_checkpoint
+
+    ckpt = args.ckpt or default_checkpoint()
+    if not ckpt.is_dir():
+        hint = " Run `cheers demo` first to train the shapes-world model (CPU, ~15 min)." if args.ckpt is None else ""
+        raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
+    return Pipeline.from_pretrained(ckpt, device=args.device)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--cfg", type=float, default=9.5, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=0.5, help="time shift a of t -> a t / (1 + (a - 1) t)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _save_png(img, path: Path, meta: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("cheers", json.dumps(meta))
+    img.save(path, pnginfo=info)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not args.prompts.is_file():
+            raise CheersError(f"prompts file not found: {args.prompts}")
+        prompts += [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise CheersError("give a non-empty --prompt or a --prompts file")
+    pipe = _pipeline(args)
+    if args.size is not None and args.size != pipe.image_size:
+        raise CheersError(f"--size {args.size}: this checkpoint generates {pipe.image_size} px images "
+                          f"(a multiple of its {pipe.cfg.tokenizer.siglip.patch_size * 2} px token grid)")
+    if args.steps < 1:
+        raise CheersError(f"--steps must be >= 1, got {args.steps}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, k) for p in prompts for k in range(args.n)]
+    bar = tqdm(total=len(jobs) * args.steps, desc="generate", unit="step")
+    for i in range(0, len(jobs), args.batch_size):
+        chunk = jobs[i:i + args.batch_size]
+        seed = args.seed + i
+        images = pipe.generate([p for p, _ in chunk], seed=seed, batch_size=args.batch_size,
+                               steps=args.steps, cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler,
+                               callback=lambda _n, b=bar, k=len(chunk): b.update(1 * k))
+        for j, ((prompt, _), img) in enumerate(zip(chunk, images)):
+            meta = {"prompt": prompt, "seed": seed + j, "steps": args.steps, "cfg": args.cfg,
+                    "shift": args.shift, "sampler": args.sampler, "ckpt": str(args.ckpt or "shapes-demo")}
+            _save_png(img, args.out / f"{i + j:05d}.png", meta)
+    bar.close()
+    print(f"wrote {len(jobs)} images to {args.out}")
+
+
+def cmd_edit(args) -> None:
+    pipe = _pipeline(args)
+    if not args.prompt.strip():
+        raise CheersError("the prompt is empty")
+    img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=args.steps,
+                    cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(img, args.out, {"prompt": args.prompt, "source": str(args.image), "strength": args.strength,
+                              "seed": args.seed, "steps": args.steps, "cfg": args.cfg})
+    print(f"wrote {args.out}")
+
+
+def _decode_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed}
+
+
+def cmd_understand(args) -> None:
+    pipe = _pipeline(args)
+    for piece in pipe.stream(args.image, args.question, **_decode_kwargs(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    pipe = _pipeline(args)
+    images = list(args.image or [])
+    print("cheers chat: type a question; `/image PATH` adds an image, `/reset` clears, `/quit` ends.")
+    history: list = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            images, history = [], []
+            continue
+        if line.startswith("/image "):
+            images.append(line.split(" ", 1)[1].strip())
+            continue
+        try:
+            answer = ""
+            for piece in pipe.stream(images, line, history=None, **_decode_kwargs(args)):
+                answer += piece
+                print(piece, end="", flush=True)
+            print()
+        except CheersError as e:
+            print(f"error: {e}")
+
+
+def cmd_convert(args) -> None:
+    from cheers.checkpoint import convert
+
+    convert(args.src, args.dst, to=args.to)
+    print(f"wrote {args.dst} ({args.to} layout)")
+
+
+def cmd_init(args) -> None:
+    from cheers.checkpoint import save_pretrained
+    from cheers.compose import compose
+
+    model = compose(args.llm, args.siglip, args.vae, strict=not args.no_strict)
+    save_pretrained(model, args.out)
+    if (args.llm / "tokenizer.json").is_file():
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            if (args.llm / name).is_file():
+                shutil.copy(args.llm / name, args.out / name)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {n / 1e6:.1f}M parameters")
+
+
+def cmd_info(args) -> None:
+    import torch
+
+    from cheers.config import flavour
+    from cheers.model import CheersModel
+
+    cfg = flavour(args.flavour)
+    with torch.device("meta"):
+        model = CheersModel(cfg)
+    for name, child in [("tokenizer." + n, m) for n, m in model.tokenizer.named_children()] + [
+            ("llm", model.llm)] + [("head." + n, m) for n, m in model.head.named_children()]:
+        print(f"{name:28s} {sum(p.numel() for p in child.parameters()) / 1e6:10.2f}M")
+    print(f"{'total (unique)':28s} {sum(p.numel() for p in model.parameters()) / 1e6:10.2f}M")
+    print(f"LLM tokens per {cfg.tokenizer.image_size} px image: {cfg.tokens_per_image}")
+
+
+def _forward(module: str, argv: list[str]) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise CheersError(f"this command is not available in this version ({module} is missing)") from e
+        raise
+    mod.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cheers", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("generate", help="text-to-image")
+    _ckpt_arg(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", type=Path, help="a file with one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--size", type=int, default=None, help="image size (must match the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("outputs/generate"))
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image with a prompt")
+    _ckpt_arg(p)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--strength", type=float, default=0.9, help="1 - start time (paper: start at t = 0.1)")
+    p.add_argument("--out", type=Path, default=Path("outputs/edit.png"))
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_edit)
+
+    for name, fn in (("understand", cmd_understand), ("chat", cmd_chat)):
+        p = sub.add_parser(name, help="answer a question about images" if name == "understand" else "interactive chat")
+        _ckpt_arg(p)
+        p.add_argument("--image", type=Path, action="append", required=name == "understand")
+        if name == "understand":
+            p.add_argument("--question", required=True)
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the official or our layout")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", choices=["official", "cheers"], required=True)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("init", help="compose a cheers-1.5b starting point from pretrained parts")
+    p.add_argument("--llm", type=Path, required=True)
+    p.add_argument("--siglip", type=Path, required=True)
+    p.add_argument("--vae", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("outputs/cheers-init"))
+    p.add_argument("--no-strict", action="store_true", help="load what fits instead of failing")
+    p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("info", help="parameter breakdown of a flavour (built on the meta device)")
+    p.add_argument("--flavour", default="cheers-1.5b")
+    p.set_defaults(fn=cmd_info)
+
+    for name, module in (("demo", "cheers.demo"), ("debug-checkpoint", "cheers.debug_checkpoint"), ("train", "cheers.train.__main__"),
+                         ("export", "cheers.train.export"), ("eval", "cheers.eval.cli"),
+                         ("quantize", "cheers.lcqat.cli")):
+        p = sub.add_parser(name, help=f"see `cheers {name} --help`", add_help=False)
+        p.set_defaults(fn=None, module=module)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    try:
+        if args.fn is None:
+            _forward(args.module, rest)
+        else:
+            if rest:
+                ap.error(f"unrecognised arguments: {' '.join(rest)}")
+            args.fn(args)
+    except CheersError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

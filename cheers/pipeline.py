@@ -1,0 +1,170 @@
+"""The Python API the CLIs are thin shells over.
+
+    pipe = Pipeline.from_pretrained("ckpt/")
+    images = pipe.generate(["a red circle"], steps=80, cfg_scale=9.5, seed=0)
+    answer = pipe.understand(Image.open("x.png"), "What colour is the circle?")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cheers.checkpoint import load_pretrained
+from cheers.errors import CheckpointError, InputError
+from cheers.generate import Engine
+from cheers.sequence import null_prompt
+from cheers.text_tokenizer import TextTokenizer
+
+
+def default_checkpoint() -> Path:
+    """Where ``cheers demo`` caches the shapes-world checkpoint (``$CHEERS_HOME``, default ~/.cache/cheers)."""
+    home = Path(os.environ.get("CHEERS_HOME", Path.home() / ".cache" / "cheers"))
+    return home / "shapes-demo"
+
+
+def load_image(src: str | Path | Image.Image, size: int) -> torch.Tensor:
+    """An RGB image resized and centre-cropped to ``size`` -> [3, size, size] in [0, 1]."""
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read image {path}: {e}") from e
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] (any range) -> RGB image, clamped to [0, 1]."""
+    arr = (pixels.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+class Pipeline:
+    """A loaded model + its text tokenizer, ready for generation, editing and understanding."""
+
+    def __init__(self, model, tokenizer: TextTokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.engine = Engine(model)
+        self.cfg = model.cfg
+        if tokenizer.special != self.cfg.tokens:
+            raise CheckpointError(
+                f"the tokenizer's special ids {tokenizer.special} differ from the model config's {self.cfg.tokens}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        tokenizer: str | Path | None = None) -> Pipeline:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {path}")
+        tok = TextTokenizer.from_dir(tokenizer or path)
+        model = load_pretrained(path, device=device, dtype=dtype, tokens=tok.special)
+        return cls(model, tok)
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.tokenizer.image_size
+
+    # ------------------------------------------------------------------ generation
+
+    def _noise(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        c, s = self.cfg.tokenizer.vae.latent_channels, self.cfg.latent_grid
+        return torch.randn(n, c, s, s, generator=g)
+
+    def _dummy(self, seed: int) -> torch.Tensor | None:
+        """The official processor's dummy image (uniform noise) before a T2I prompt."""
+        if not self.cfg.dummy_image_prefix:
+            return None
+        g = torch.Generator().manual_seed(seed + 1)
+        return torch.randint(0, 256, (3, self.image_size, self.image_size), generator=g).float() / 255
+
+    def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
+                         cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+                         start: tuple[torch.Tensor, float] | None = None,
+                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+        tc = self.cfg.transport
+        steps = tc.sample_steps if steps is None else steps
+        if steps < 1:
+            raise InputError(f"--steps must be >= 1, got {steps}")
+        cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
+        shift = tc.sample_shift if shift is None else shift
+        rows = [self.tokenizer.t2i_prompt(p) for p in prompts]
+        nulls = [null_prompt(r, self.cfg) for r in rows]
+        noise = torch.cat([self._noise(1, s) for s in seeds])
+        dummies = [self._dummy(s) for s in seeds] if self.cfg.dummy_image_prefix else None
+        return self.engine.sample_images(rows, nulls, noise=noise, steps=steps, cfg_scale=cfg_scale,
+                                         shift=shift, sampler=sampler, prefix_images=dummies,
+                                         start=start, callback=callback)
+
+    def generate(self, prompts: list[str] | str, *, seed: int = 0, batch_size: int = 8,
+                 callback: Callable[[int], None] | None = None, **kw) -> list[Image.Image]:
+        """One image per prompt; prompt i uses seed ``seed + i``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("no prompts given")
+        out: list[Image.Image] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            seeds = [seed + i + j for j in range(len(chunk))]
+            lat = self.generate_latents(chunk, seeds=seeds, callback=callback, **kw)
+            with torch.no_grad():
+                pixels = self.model.tokenizer.decode(lat)
+            out += [to_pil(p) for p in pixels]
+        return out
+
+    def edit(self, image, prompt: str, *, strength: float = 0.9, seed: int = 0, **kw) -> Image.Image:
+        """Regenerate ``image`` guided by ``prompt``, starting at t = 1 - strength from its latent
+        (the paper's recipe: strength 0.9, i.e. t = 0.1)."""
+        if not 0.0 < strength <= 1.0:
+            raise InputError(f"--strength must be in (0, 1], got {strength}")
+        pixels = load_image(image, self.image_size)[None].to(self.engine.device)
+        with torch.no_grad():
+            x_src = self.model.tokenizer.encode(pixels)
+        lat = self.generate_latents([prompt], seeds=[seed], start=(x_src, 1.0 - strength), **kw)
+        with torch.no_grad():
+            return to_pil(self.model.tokenizer.decode(lat)[0])
+
+    # ------------------------------------------------------------------ understanding
+
+    def stream(self, images: list, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, history=None) -> Iterator[str]:
+        """Yield the answer piece by piece as tokens are decoded (streaming)."""
+        pix = [load_image(im, self.image_size) for im in images]
+        ids = self.tokenizer.i2t_prompt(question, len(pix), history=history)
+        stop = {self.cfg.tokens.eos, self.cfg.tokens.pad}
+        g = torch.Generator(device=self.engine.device).manual_seed(seed)
+        got: list[int] = []
+        text = ""
+        for nxt in self.engine.decode_text([ids], [pix], max_new_tokens=max_new_tokens, stop_ids=stop,
+                                           temperature=temperature, top_p=top_p, generator=g):
+            tok = int(nxt[0])
+            if tok in stop:
+                break
+            got.append(tok)
+            new = self.tokenizer.decode(got)
+            if len(new) > len(text):
+                yield new[len(text):]
+                text = new
+
+    def understand(self, image, question: str, **kw) -> str:
+        images = image if isinstance(image, list) else [image]
+        return "".join(self.stream(images, question, **kw)).strip()

@@ -1,0 +1,136 @@
+"""Text tokenizer (a Hugging Face ``tokenizer.json``) and the chat layout of prompts.
+
+The same code serves Qwen2.5's tokenizer and the byte-level BPE trained for the shapes world.
+Prompts follow the Qwen2 chat template, with images as official placeholders (-200 for an
+image to understand); the sequence builder expands them into image blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from cheers.config import SpecialTokens
+from cheers.errors import CheckpointError, InputError
+from cheers.sequence import GEN_PLACEHOLDER, IGNORE, UND_PLACEHOLDER
+
+SPECIAL_STRINGS = {
+    "pad": "<|endoftext|>",
+    "chat_start": "<|im_start|>",
+    "eos": "<|im_end|>",
+    "image": "<image>",
+    "image_gen": "<image_gen>",
+    "im_start": "<im_start>",
+    "im_end": "<im_end>",
+    "no_mean": "<no_mean>",
+}
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class TextTokenizer:
+    """Wraps ``tokenizers.Tokenizer``; ids of special tokens come from its vocabulary."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "tokenizer"):
+        self.tok = tokenizer
+        self.source = source
+        missing = [s for s in SPECIAL_STRINGS.values() if tokenizer.token_to_id(s) is None]
+        if missing:
+            raise CheckpointError(f"{source}: the tokenizer lacks the special tokens {', '.join(missing)}")
+        self.special = SpecialTokens(**{k: tokenizer.token_to_id(v) for k, v in SPECIAL_STRINGS.items()})
+        self.newline = self.encode("\n")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> TextTokenizer:
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"no tokenizer.json at {file}")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # the library raises a bare Exception on bad JSON
+            raise CheckpointError(f"{file}: not a readable tokenizer.json ({e})") from e
+        return cls(tok, source=str(file))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(Path(path) / "tokenizer.json"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    # ------------------------------------------------------------------ chat layout
+
+    def turn(self, role: str, content: list[int]) -> list[int]:
+        """``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
+        sp = self.special
+        return [sp.chat_start] + self.encode(role) + self.newline + content + [sp.eos] + self.newline
+
+    def image_block(self, placeholder: int) -> list[int]:
+        return [self.special.im_start, placeholder, self.special.im_end]
+
+    def system(self, system: str | None = DEFAULT_SYSTEM) -> list[int]:
+        return self.turn("system", self.encode(system)) if system else []
+
+    def assistant_open(self) -> list[int]:
+        return [self.special.chat_start] + self.encode("assistant") + self.newline
+
+    def t2i_prompt(self, prompt: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
+        """Generation prompt: system, user turn, open assistant turn, then ``<im_start>``."""
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        return self.system(system) + self.turn("user", self.encode(prompt)) + self.assistant_open() + [
+            self.special.im_start]
+
+    def i2t_prompt(self, question: str, n_images: int = 1, system: str | None = DEFAULT_SYSTEM,
+                   history: list[tuple[list[int], str]] | None = None) -> list[int]:
+        """Understanding prompt: images first in the user turn, then the question."""
+        if not question.strip():
+            raise InputError("the question is empty")
+        ids = self.system(system)
+        for user_ids, answer in history or []:
+            ids += self.turn("user", user_ids) + self.turn("assistant", self.encode(answer))
+        user = []
+        for _ in range(n_images):
+            user += self.image_block(UND_PLACEHOLDER) + self.newline
+        return ids + self.turn("user", user + self.encode(question)) + self.assistant_open()
+
+    # ------------------------------------------------------------------ training samples
+
+    def t2i_sample(self, caption: str, system: str | None = DEFAULT_SYSTEM) -> tuple[list[int], list[int]]:
+        """(ids, per-position labels) of a generation sample; the image is a -300 placeholder.
+        Labels: the assistant turn (image delimiters and end of turn) only."""
+        head = self.system(system) + self.turn("user", self.encode(caption)) + self.assistant_open()
+        body = self.image_block(GEN_PLACEHOLDER) + [self.special.eos] + self.newline
+        return head + body, [IGNORE] * len(head) + body
+
+    def i2t_sample(self, question: str, answer: str, system: str | None = DEFAULT_SYSTEM
+                   ) -> tuple[list[int], list[int]]:
+        head = self.i2t_prompt(question, 1, system)
+        body = self.encode(answer) + [self.special.eos] + self.newline
+        return head + body, [IGNORE] * len(head) + body
+
+    def text_sample(self, text: str) -> tuple[list[int], list[int]]:
+        ids = self.encode(text) + [self.special.eos]
+        return ids, list(ids)
+
+
+def train_bpe(texts: list[str], vocab_size: int = 512) -> TextTokenizer:
+    """Train a byte-level BPE (the type of Qwen's tokenizer) on ``texts``; the special tokens
+    take ids 0..7 in the order of ``SPECIAL_STRINGS``."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_STRINGS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return TextTokenizer(tok, source="trained byte-level BPE")

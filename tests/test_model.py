@@ -1,0 +1,141 @@
+"""The unified model on the debug flavour: masks, losses, meta-device build, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cheers.config import flavour
+from cheers.errors import InputError
+from cheers.model import CheersModel
+from cheers.sequence import GEN_PLACEHOLDER, IGNORE, UND_PLACEHOLDER, expand_placeholders, greedy_rows, pack
+
+
+def sample_sequences(cfg, seed: int = 0):
+    """A t2i, an i2t and a text-only sample with random words (ids < 200)."""
+    g = torch.Generator().manual_seed(seed)
+    tok = cfg.tokens
+    words = lambda n: torch.randint(0, 200, (n,), generator=g).tolist()  # noqa: E731
+    img = lambda: torch.rand(3, cfg.tokenizer.image_size, cfg.tokenizer.image_size, generator=g)  # noqa: E731
+    t2i_ids = [tok.chat_start] + words(6) + [tok.eos, tok.chat_start] + [tok.im_start, GEN_PLACEHOLDER, tok.im_end, tok.eos]
+    t2i_lab = [IGNORE] * 9 + [tok.im_start, IGNORE, tok.im_end, tok.eos]
+    i2t_q = [tok.chat_start, tok.im_start, UND_PLACEHOLDER, tok.im_end] + words(5) + [tok.eos, tok.chat_start]
+    answer = words(4) + [tok.eos]
+    i2t_lab = [IGNORE] * len(i2t_q) + answer
+    text = words(12) + [tok.eos]
+    return [
+        expand_placeholders(t2i_ids, t2i_lab, cfg, [img()]),
+        expand_placeholders(i2t_q + answer, i2t_lab, cfg, [img()]),
+        expand_placeholders(text, text, cfg, []),
+    ]
+
+
+def hidden_of(model, batch):
+    with torch.no_grad():
+        return model(batch, return_outputs=True)["hidden"]
+
+
+def test_forward_returns_losses(debug_model, debug_cfg):
+    batch = pack(sample_sequences(debug_cfg), debug_cfg)
+    out = debug_model(batch)
+    assert set(out) >= {"loss", "ce", "flow"}
+    assert out["ce"] > 0 and out["flow"] > 0
+    torch.testing.assert_close(out["loss"], out["ce"] + out["flow"])
+
+
+def test_text_does_not_see_later_image_but_image_block_is_bidirectional(debug_model, debug_cfg):
+    seq = sample_sequences(debug_cfg)[0]  # t2i: image block at the end
+    batch = pack([seq], debug_cfg)
+    batch.t = torch.tensor([0.5])
+    batch.noise = torch.randn(1, debug_cfg.tokenizer.vae.latent_channels, debug_cfg.latent_grid, debug_cfg.latent_grid)
+    h0 = hidden_of(debug_model, batch)
+    slots = (batch.image_index[0] >= 0).nonzero().squeeze(1)
+    first, last = int(slots[0]), int(slots[-1])
+    # change only the image: text before it must not move, every image slot must
+    batch.images = torch.rand_like(batch.images)
+    h1 = hidden_of(debug_model, batch)
+    torch.testing.assert_close(h1[0, :first], h0[0, :first], rtol=0, atol=0)
+    assert (h1[0, first] - h0[0, first]).abs().max() > 1e-4  # first slot sees later slots of its block
+    assert (h1[0, last] - h0[0, last]).abs().max() > 1e-4
+
+
+def test_packed_samples_do_not_see_each_other(debug_model, debug_cfg):
+    seqs = sample_sequences(debug_cfg)
+    noise = torch.randn(2, debug_cfg.tokenizer.vae.latent_channels, debug_cfg.latent_grid, debug_cfg.latent_grid)
+    packed = pack(seqs, debug_cfg, rows=[[0, 1, 2]])
+    packed.t, packed.noise = torch.tensor([0.3, 1.0]), noise
+    hp = hidden_of(debug_model, packed)
+    off = 0
+    img = 0
+    for s in seqs:
+        single = pack([s], debug_cfg)
+        n_img = len(s.images)
+        if n_img:
+            single.t, single.noise = packed.t[img:img + n_img], noise[img:img + n_img]
+        hs = hidden_of(debug_model, single)
+        # fp noise only (batched convs); a leak across documents moves values by O(0.1)
+        torch.testing.assert_close(hp[0, off:off + len(s)], hs[0], atol=1e-4, rtol=1e-4)
+        off += len(s)
+        img += n_img
+
+
+def test_loss_falls_over_30_adamw_steps(debug_cfg):
+    torch.manual_seed(0)
+    model = CheersModel(debug_cfg)
+    model.init_weights()
+    model.train()
+    batch = pack(sample_sequences(debug_cfg), debug_cfg)
+    batch.noise = torch.randn(2, debug_cfg.tokenizer.vae.latent_channels, debug_cfg.latent_grid, debug_cfg.latent_grid)
+    batch.t = torch.tensor([0.4, 1.0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append((out["ce"].item(), out["flow"].item()))
+    print("ce", losses[0][0], "->", losses[-1][0], "flow", losses[0][1], "->", losses[-1][1])
+    assert losses[-1][0] < 0.5 * losses[0][0]
+    assert losses[-1][1] < 0.8 * losses[0][1]
+
+
+def test_cheers_1_5b_on_meta_matches_released_model():
+    cfg = flavour("cheers-1.5b")
+    assert cfg.tokens_per_image == 256 and cfg.latent_grid == 32
+    with torch.device("meta"):
+        model = CheersModel(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (unique: ties count once)
+    parts = {n: count(model.get_submodule(n)) for n in [
+        "tokenizer.vae.encoder", "tokenizer.vae.decoder", "tokenizer.pixel_decoder", "tokenizer.siglip",
+        "tokenizer.compressor", "llm", "head.time_embed", "head.stage_a", "head.gate", "head.stage_b"]}
+    for name, n in parts.items():
+        print(f"{name:28s} {n / 1e6:9.2f}M")
+    total = count(model)
+    assert sum(parts.values()) == total
+    print(f"total unique {total / 1e6:.2f}M; with the tied lm_head stored: {(total + model.llm.lm_head.weight.numel()) / 1e9:.3f}B")
+    assert round(total / 1e6) == 2571
+    assert round((total + model.llm.lm_head.weight.numel()) / 1e9, 2) == 2.80
+    # a 512 px image becomes 256 LLM tokens of width 1536
+    tokens, patch = model.image_tokens(torch.empty(1, 128, 32, 32, device="meta"))
+    assert tokens.shape == (1, 256, 1536) and patch.shape == (1, 1024, 1152)
+
+
+def test_bad_images_and_lengths(debug_model, debug_cfg):
+    with pytest.raises(InputError, match=r"\[B, 3, H, W\].*\(2, 4, 64, 64\)"):
+        debug_model.tokenizer.encode(torch.rand(2, 4, 64, 64))
+    with pytest.raises(InputError, match="64x64.*48x48"):
+        debug_model.tokenizer.encode(torch.rand(1, 3, 48, 48))
+    long = expand_placeholders(list(range(100)) * 6, None, debug_cfg, [])
+    with pytest.raises(InputError, match="600 tokens, over the maximum of 512"):
+        pack([long], debug_cfg)
+    with pytest.raises(InputError, match="2 images given but the sequence has 1"):
+        expand_placeholders([1, UND_PLACEHOLDER], None, debug_cfg, [torch.rand(3, 64, 64)] * 2)
+
+
+def test_greedy_rows_packs_within_budget():
+    rows = greedy_rows([5, 3, 7, 2, 4], budget=8)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 3, 7, 2, 4][i] for i in r) <= 8 for r in rows)
+    with pytest.raises(InputError, match="9 tokens, over the row budget of 8"):
+        greedy_rows([9], budget=8)

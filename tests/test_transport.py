@@ -1,0 +1,74 @@
+"""The flow-matching convention: x1 data, x0 noise, xt = t x1 + (1 - t) x0, v = x1 - x0, t = 1 clean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cheers.config import TransportConfig
+from cheers.errors import InputError
+from cheers.flow_head import transport
+
+
+def test_interpolation_endpoints():
+    x1, x0 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.equal(transport.interpolate(x1, x0, torch.ones(3)), x1)
+    assert torch.equal(transport.interpolate(x1, x0, torch.zeros(3)), x0)
+    mid = transport.interpolate(x1, x0, torch.tensor([0.25, 0.5, 0.75]))
+    torch.testing.assert_close(mid[1], 0.5 * (x1[1] + x0[1]))
+
+
+def test_loss_is_zero_at_true_velocity():
+    x1, x0 = torch.randn(2, 8), torch.randn(2, 8)
+    assert transport.flow_loss(x1 - x0, x1, x0).item() == 0.0
+    assert transport.flow_loss(torch.zeros(2, 8), x1, x0).item() > 0
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 10), ("heun", 5)])
+def test_integrating_the_exact_velocity_reaches_the_data(sampler, steps):
+    x1, x0 = torch.randn(4, 3), torch.randn(4, 3)
+    # on the straight path the velocity is constant: x1 - x0, whatever (x, t)
+    out = transport.sample_ode(lambda x, t: x1 - x0, x0, steps=steps, shift=0.5, sampler=sampler,
+                               official_last_step=False)
+    torch.testing.assert_close(out, x1)
+
+
+def test_velocity_depending_on_state_reaches_the_data():
+    x1, x0 = torch.randn(4, 3), torch.randn(4, 3)
+
+    # the field of the straight path written in terms of (x, t): v = (x1 - x) / (1 - t)
+    def v(x, t):
+        return (x1 - x) / max(1 - t, 1e-9) if t < 1 else x1 - x0
+
+    out = transport.sample_ode(v, x0, steps=20, shift=1.0, official_last_step=False)
+    torch.testing.assert_close(out, x1, atol=1e-5, rtol=1e-5)
+
+
+def test_official_grid_and_last_step():
+    assert transport.time_grid(3, 0.5) == pytest.approx([0.0, 1 / 3, 1.0])
+    seen = []
+    x = transport.sample_ode(lambda x, t: (seen.append(t), torch.ones_like(x))[1], torch.zeros(1),
+                             steps=3, shift=0.5)
+    assert seen == pytest.approx([0.0, 1 / 3, 1.0])
+    # the official sampler applies the t = 1 velocity as one more step of 1/N
+    assert x.item() == pytest.approx(1.0 + 1 / 3)
+
+
+def test_time_shift_and_sampling():
+    assert transport.time_shift(0.5, 1.0) == 0.5
+    assert transport.time_shift(0.5, 0.5) == pytest.approx(1 / 3)
+    for mode in ("uniform", "logit_normal", "shifted"):
+        t = transport.sample_time(1000, TransportConfig(time_sampling=mode, train_shift=3.0),
+                                  generator=torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() <= 1
+    with pytest.raises(InputError, match="steps must be >= 1"):
+        transport.time_grid(0, 0.5)
+    with pytest.raises(InputError, match="unknown sampler 'rk4'"):
+        transport.sample_ode(lambda x, t: x, torch.zeros(1), steps=2, shift=1.0, sampler="rk4")
+
+
+def test_x1_prediction_gives_the_velocity():
+    x1, x0 = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    t = torch.tensor([0.2, 0.7])
+    xt = transport.interpolate(x1, x0, t)
+    torch.testing.assert_close(transport.velocity_from_x1(x1, xt, t), x1 - x0, atol=1e-5, rtol=1e-5)
