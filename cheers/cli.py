@@ -69,9 +69,10 @@ def cmd_generate(args) -> None:
     for i in range(0, len(jobs), args.batch_size):
         chunk = jobs[i:i + args.batch_size]
         seed = args.seed + i
+        per_step = len(chunk)
         images = pipe.generate([p for p, _ in chunk], seed=seed, batch_size=args.batch_size,
                                steps=args.steps, cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler,
-                               callback=lambda _n, b=bar, k=len(chunk): b.update(1 * k))
+                               callback=lambda _n, k=per_step: bar.update(k))
         for j, ((prompt, _), img) in enumerate(zip(chunk, images)):
             meta = {"prompt": prompt, "seed": seed + j, "steps": args.steps, "cfg": args.cfg,
                     "shift": args.shift, "sampler": args.sampler, "ckpt": str(args.ckpt or "shapes-demo")}
@@ -123,13 +124,15 @@ def cmd_chat(args) -> None:
             continue
         if line.startswith("/image "):
             images.append(line.split(" ", 1)[1].strip())
+            history = []  # a new image starts a new conversation about the images
             continue
         try:
             answer = ""
-            for piece in pipe.stream(images, line, history=None, **_decode_kwargs(args)):
+            for piece in pipe.stream(images, line, history=history, **_decode_kwargs(args)):
                 answer += piece
                 print(piece, end="", flush=True)
             print()
+            history.append((line, answer))
         except CheersError as e:
             print(f"error: {e}")
 

@@ -19,7 +19,6 @@ import yaml
 
 from cheers.errors import ConfigError
 
-
 # --------------------------------------------------------------------------- components
 
 

@@ -90,17 +90,19 @@ class TextTokenizer:
             self.special.im_start]
 
     def i2t_prompt(self, question: str, n_images: int = 1, system: str | None = DEFAULT_SYSTEM,
-                   history: list[tuple[list[int], str]] | None = None) -> list[int]:
-        """Understanding prompt: images first in the user turn, then the question."""
+                   history: list[tuple[str, str]] | None = None) -> list[int]:
+        """Understanding prompt. The images open the first user turn; ``history`` holds earlier
+        (question, answer) turns of a chat."""
         if not question.strip():
             raise InputError("the question is empty")
-        ids = self.system(system)
-        for user_ids, answer in history or []:
-            ids += self.turn("user", user_ids) + self.turn("assistant", self.encode(answer))
-        user = []
+        images: list[int] = []
         for _ in range(n_images):
-            user += self.image_block(UND_PLACEHOLDER) + self.newline
-        return ids + self.turn("user", user + self.encode(question)) + self.assistant_open()
+            images += self.image_block(UND_PLACEHOLDER) + self.newline
+        ids = self.system(system)
+        for q, a in history or []:
+            ids += self.turn("user", images + self.encode(q)) + self.turn("assistant", self.encode(a))
+            images = []
+        return ids + self.turn("user", images + self.encode(question)) + self.assistant_open()
 
     # ------------------------------------------------------------------ training samples
 

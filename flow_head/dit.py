@@ -132,8 +132,9 @@ class DiTStage(nn.Module):
             x = block(x, temb, rope)
         return self.final(x, temb)
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """DiT init: normal linears, zero adaLN modulation (blocks start as identity), zero output."""
+    def init_weights(self, std: float = 0.02, zero_output: bool = True) -> None:
+        """DiT init: normal linears, zero adaLN modulation (blocks start as identity), and a
+        zero output projection when the stage's output is the prediction itself."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
@@ -146,5 +147,6 @@ class DiTStage(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final.adaLN_modulation[1].weight)
         nn.init.zeros_(self.final.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        if zero_output:
+            nn.init.zeros_(self.final.linear.weight)
+            nn.init.zeros_(self.final.linear.bias)

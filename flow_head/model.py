@@ -115,7 +115,8 @@ class CascadedFlowHead(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=std)
                     nn.init.zeros_(m.bias)
-        self.stage_a.init_weights(std)
+        # stage A feeds stage B: a zero output there would starve stage B of any signal
+        self.stage_a.init_weights(std, zero_output=False)
         self.stage_b.init_weights(std)
         self.gate.init_weights(std)
 

@@ -8,7 +8,14 @@ import torch
 from cheers.config import flavour
 from cheers.errors import InputError
 from cheers.model import CheersModel
-from cheers.sequence import GEN_PLACEHOLDER, IGNORE, UND_PLACEHOLDER, expand_placeholders, greedy_rows, pack
+from cheers.sequence import (
+    GEN_PLACEHOLDER,
+    IGNORE,
+    UND_PLACEHOLDER,
+    expand_placeholders,
+    greedy_rows,
+    pack,
+)
 
 
 def sample_sequences(cfg, seed: int = 0):
