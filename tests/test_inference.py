@@ -1,0 +1,134 @@
+"""Inference engines: the cached paths equal naive full recomputation; CFG; CLI bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cheers.attention import build_dense_mask
+from cheers.cli import main as cli_main
+from cheers.debug_checkpoint import make_debug_checkpoint
+from cheers.flow_head import transport
+from cheers.generate import Engine
+from cheers.pipeline import Pipeline
+from cheers.sequence import expand_placeholders, null_prompt, pack
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("debug")
+    make_debug_checkpoint(path)
+    return Pipeline.from_pretrained(path), path
+
+
+def naive_velocity(model, rows, xt, t):
+    """Velocity by a full forward of prompt + image block, no cache (one row per latent)."""
+    cfg = model.cfg
+    n = cfg.tokens_per_image
+    out = []
+    for r, ids in enumerate(rows):
+        seq = expand_placeholders(ids, None, cfg, [])
+        batch = pack([seq], cfg)
+        tokens, patch = model.image_tokens(xt[r:r + 1])
+        emb = torch.cat([model.embed(batch.input_ids, batch.image_index, batch.image_slot, None), tokens], 1)
+        L = emb.shape[1]
+        doc = torch.zeros(1, L, dtype=torch.long)
+        block = torch.full((1, L), -1, dtype=torch.long)
+        block[:, L - n:] = 0
+        hidden = model.llm.hidden_states(inputs_embeds=emb, mask=build_dense_mask(doc, block))
+        out.append(model.velocity(hidden[:, L - n:], torch.tensor([t]), xt[r:r + 1], patch))
+    return torch.cat(out)
+
+
+def test_prefix_cache_equals_full_recomputation(pipe):
+    p, _ = pipe
+    model, cfg = p.model, p.cfg
+    rows = [p.tokenizer.t2i_prompt("a red circle"), p.tokenizer.t2i_prompt("two blue squares above a star")]
+    nulls = [null_prompt(r, cfg) for r in rows]
+    noise = torch.randn(2, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid)
+    scale = 3.0
+    with torch.no_grad():
+        cached = Engine(model).sample_images(rows, nulls, noise=noise, steps=4, cfg_scale=scale, shift=0.5)
+
+        def v(x, t):
+            vc, vu = naive_velocity(model, rows, x, t), naive_velocity(model, nulls, x, t)
+            return vu + scale * (vc - vu)
+
+        naive = transport.sample_ode(v, noise, steps=4, shift=0.5)
+    torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_cfg_scale_one_is_the_conditional_branch(pipe):
+    p, _ = pipe
+    cfg = p.cfg
+    rows = [p.tokenizer.t2i_prompt("a green star")]
+    noise = torch.randn(1, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid)
+    eng = Engine(p.model)
+    a = eng.sample_images(rows, [null_prompt(rows[0], cfg)], noise=noise, steps=3, cfg_scale=1.0, shift=0.5)
+    b = eng.sample_images(rows, None, noise=noise, steps=3, cfg_scale=5.0, shift=0.5)
+    torch.testing.assert_close(a, b)
+
+
+def test_same_seed_same_image(pipe):
+    p, _ = pipe
+    a = p.generate(["a red circle"], seed=3, steps=2, cfg_scale=2.0)[0]
+    b = p.generate(["a red circle"], seed=3, steps=2, cfg_scale=2.0)[0]
+    c = p.generate(["a red circle"], seed=4, steps=2, cfg_scale=2.0)[0]
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_cached_decoding_equals_step_by_step(pipe):
+    p, _ = pipe
+    model, cfg = p.model, p.cfg
+    image = torch.rand(3, 64, 64)
+    ids = p.tokenizer.i2t_prompt("What colour is the circle?")
+    got = [int(t[0]) for t in Engine(model).decode_text([ids], [[image]], max_new_tokens=6, stop_ids={-1})]
+    # naive: re-run the whole sequence for every new token
+    seq_ids, naive = list(ids), []
+    with torch.no_grad():
+        for _ in range(6):
+            batch = pack([expand_placeholders(seq_ids, None, cfg, [image], [False])], cfg)
+            hidden = model(batch, return_outputs=True)["hidden"]
+            nxt = int(model.llm.logits(hidden[:, -1]).argmax(-1))
+            naive.append(nxt)
+            seq_ids.append(nxt)
+    assert got == naive
+
+
+def test_stop_tokens_stop(pipe):
+    p, _ = pipe
+    image = torch.rand(3, 64, 64)
+    ids = p.tokenizer.i2t_prompt("What colour?")
+    eng = Engine(p.model)
+    first = [int(t[0]) for t in eng.decode_text([ids], [[image]], max_new_tokens=5, stop_ids={-1})]
+    stop = first[1]
+    stopped = [int(t[0]) for t in eng.decode_text([ids], [[image]], max_new_tokens=5, stop_ids={stop})]
+    # decoding ends right after the first stop token it emits
+    assert stopped == first[: first.index(stop) + 1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "--prompt", "  "], "non-empty --prompt"),
+    (["generate", "--prompt", "x", "--size", "72"], "--size 72"),
+    (["understand", "--image", "{bad}", "--question", "q"], "cannot read image"),
+    (["understand", "--image", "{missing}", "--question", "q"], "image not found"),
+])
+def test_cli_bad_inputs(pipe, tmp_path, capsys, argv, message):
+    _, ckpt = pipe
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv = [a.format(bad=tmp_path / "bad.png", missing=tmp_path / "none.png") for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv[:1] + ["--ckpt", str(ckpt)] + argv[1:])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_generate_writes_png_with_settings(pipe, tmp_path):
+    from PIL import Image
+
+    _, ckpt = pipe
+    cli_main(["generate", "--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path)])
+    img = Image.open(tmp_path / "00000.png")
+    assert '"prompt": "a red circle"' in img.text["cheers"]
+    assert (tmp_path / "00000.json").is_file()
