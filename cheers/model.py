@@ -30,6 +30,13 @@ class CheersModel(nn.Module):
         self.llm = LLM(cfg.llm)
         self.head = CascadedFlowHead(cfg)
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> CheersModel:
+        """Our checkpoint folder or the released (official) one; see ``cheers.checkpoint.load_pretrained``."""
+        from cheers.checkpoint import load_pretrained  # the I/O lives there
+
+        return load_pretrained(path, **kwargs)
+
     # ------------------------------------------------------------------ parts
 
     def init_weights(self) -> None:

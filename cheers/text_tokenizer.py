@@ -106,18 +106,34 @@ class TextTokenizer:
 
     # ------------------------------------------------------------------ training samples
 
-    def t2i_sample(self, caption: str, system: str | None = DEFAULT_SYSTEM) -> tuple[list[int], list[int]]:
-        """(ids, per-position labels) of a generation sample; the image is a -300 placeholder.
-        Labels: the assistant turn (image delimiters and end of turn) only."""
-        head = self.system(system) + self.turn("user", self.encode(caption)) + self.assistant_open()
-        body = self.image_block(GEN_PLACEHOLDER) + [self.special.eos] + self.newline
-        return head + body, [IGNORE] * len(head) + body
+    def labels(self, context: list[int], reply: list[int], policy: str) -> list[int]:
+        """Per-position labels of ``context + reply`` (the reply is the assistant turn).
 
-    def i2t_sample(self, question: str, answer: str, system: str | None = DEFAULT_SYSTEM
+        ``assistant``: only the reply is labelled. ``official`` (the released training
+        template): the reply, plus the special tokens and newlines of the system and user
+        turns, which keep their own id.
+        """
+        if policy == "assistant":
+            return [IGNORE] * len(context) + list(reply)
+        if policy != "official":
+            raise InputError(f"unknown label policy {policy!r}; use 'assistant' or 'official'")
+        sp = self.special
+        keep = {sp.chat_start, sp.eos, sp.im_start, sp.im_end, sp.no_mean, *self.newline}
+        return [t if t in keep else IGNORE for t in context] + list(reply)
+
+    def t2i_sample(self, caption: str, system: str | None = DEFAULT_SYSTEM, policy: str = "assistant"
                    ) -> tuple[list[int], list[int]]:
-        head = self.i2t_prompt(question, 1, system)
-        body = self.encode(answer) + [self.special.eos] + self.newline
-        return head + body, [IGNORE] * len(head) + body
+        """(ids, per-position labels) of a generation sample; the image is a -300 placeholder."""
+        context = self.system(system) + self.turn("user", self.encode(caption))
+        reply = self.assistant_open() + self.image_block(GEN_PLACEHOLDER) + [self.special.eos] + self.newline
+        return context + reply, self.labels(context, reply, policy)
+
+    def i2t_sample(self, question: str, answer: str, system: str | None = DEFAULT_SYSTEM,
+                   policy: str = "assistant") -> tuple[list[int], list[int]]:
+        prompt = self.i2t_prompt(question, 1, system)
+        context, opener = prompt[: -len(self.assistant_open())], self.assistant_open()
+        reply = opener + self.encode(answer) + [self.special.eos] + self.newline
+        return context + reply, self.labels(context, reply, policy)
 
     def text_sample(self, text: str) -> tuple[list[int], list[int]]:
         ids = self.encode(text) + [self.special.eos]
