@@ -1,0 +1,247 @@
+"""Files of the shapes world: training shards, GenEval metadata, an MMBench TSV.
+
+Every product draws sample ``i`` from ``numpy.random.default_rng([seed, stream, i])``
+with its own ``stream`` constant, so a sample depends only on (seed, product, i): the
+same arguments give the same files, shard size does not change the samples, and
+training and held-out sets stay apart when they are written with different seeds
+(``TRAIN_SEED`` vs ``HELDOUT_SEED`` by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image
+
+from cheers.errors import InputError
+from cheers.shapes.world import (
+    MMBENCH_CATEGORIES,
+    OPTION_LETTERS,
+    Scene,
+    caption,
+    format_mmbench_prompt,
+    geneval_metadata,
+    mmbench_questions,
+    open_question,
+    render,
+    sample_scene,
+    scene_for_metadata,
+    text_sample,
+)
+
+TRAIN_SEED = 0
+HELDOUT_SEED = 1
+DEFAULT_MIX: dict[str, float] = {"t2i": 0.45, "i2t": 0.45, "text": 0.10}
+TASKS: tuple[str, ...] = ("t2i", "i2t", "text")
+CIRCULAR_OFFSET = 1_000_000
+MMBENCH_COLUMNS: tuple[str, ...] = (
+    "index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
+    "source", "l2-category", "comment", "split",
+)
+_STREAM_SHARDS, _STREAM_GENEVAL, _STREAM_MMBENCH, _STREAM_REFERENCE = 11, 12, 13, 14
+
+
+def _rng(seed: int, stream: int, i: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), stream, int(i)])
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of an RGB uint8 [H, W, 3] array (deterministic bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _task_schedule(n: int, mix: Mapping[str, float]) -> list[str]:
+    """Tasks for samples 0..n-1 in the ratios of ``mix``, interleaved evenly: sample i goes
+    to the task furthest behind its quota, so any prefix keeps the ratios."""
+    unknown = set(mix) - set(TASKS)
+    if unknown:
+        raise InputError(f"mix has unknown tasks {sorted(unknown)}; expected {TASKS}")
+    weights = {t: float(mix.get(t, 0.0)) for t in TASKS}
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise InputError(f"mix {dict(mix)} needs non-negative ratios with a positive sum")
+    total = sum(weights.values())
+    ratio = {t: w / total for t, w in weights.items()}
+    done = dict.fromkeys(TASKS, 0)
+    out = []
+    for i in range(n):
+        task = max(TASKS, key=lambda t: (ratio[t] * (i + 1) - done[t], -TASKS.index(t)))
+        done[task] += 1
+        out.append(task)
+    return out
+
+
+def make_sample(task: str, rng: np.random.Generator, image_size: int = 64) -> tuple[dict, np.ndarray | None]:
+    """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
+
+    t2i: ``text`` is the caption. i2t: one human/gpt exchange in ``conversations`` (an
+    MMBench-style multiple choice answered by its letter, or a short open question),
+    ``text`` the scene's caption. text: ``text`` only, ``width = height = 0``.
+    """
+    if task == "text":
+        return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
+    scene = sample_scene(rng, image_size)
+    image = render(scene)
+    record = {"task": task, "text": caption(scene, rng),
+              "width": scene.width, "height": scene.height}
+    if task == "i2t":
+        if rng.random() < 0.6:
+            qs = mmbench_questions(scene, rng)
+            q = qs[int(rng.integers(len(qs)))]
+            style = "llava" if rng.random() < 0.7 else "vlmevalkit"
+            prompt = format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style)
+            answer = q["answer"]
+        else:
+            prompt, answer = open_question(scene, rng)
+        record["conversations"] = [
+            {"from": "human", "value": "<image>\n" + prompt},
+            {"from": "gpt", "value": answer},
+        ]
+    elif task != "t2i":
+        raise InputError(f"unknown task {task!r}; expected one of {TASKS}")
+    return record, image
+
+
+def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
+                 mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000) -> list[str]:
+    """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
+
+    Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
+    ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
+    (arguments, shard names, samples per task). Returns the shard paths.
+    """
+    if n_samples < 1 or samples_per_shard < 1:
+        raise InputError(f"n_samples={n_samples}, samples_per_shard={samples_per_shard}; both must be >= 1")
+    import webdataset as wds
+
+    os.makedirs(out_dir, exist_ok=True)
+    tasks = _task_schedule(n_samples, mix or DEFAULT_MIX)
+    paths = []
+    for start in range(0, n_samples, samples_per_shard):
+        path = os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar")
+        with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
+            for i in range(start, min(start + samples_per_shard, n_samples)):
+                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size)
+                sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
+                if image is not None:
+                    sample["png"] = png_bytes(image)
+                sink.write(sample)
+        paths.append(path)
+    manifest = {
+        "n_samples": n_samples, "seed": seed, "image_size": image_size,
+        "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
+        "shards": [os.path.basename(p) for p in paths],
+        "tasks": {t: tasks.count(t) for t in TASKS},
+    }
+    with open(os.path.join(out_dir, "manifest.json"), "w") as fp:
+        json.dump(manifest, fp, indent=1)
+    return paths
+
+
+def write_geneval_metadata(path: str, n_per_tag: int, seed: int = HELDOUT_SEED) -> list[dict]:
+    """GenEval's ``evaluation_metadata.jsonl`` for the shapes world: ``n_per_tag`` records
+    per tag (shape names as classes), one JSON object per line. Returns the records."""
+    records = geneval_metadata(n_per_tag, _rng(seed, _STREAM_GENEVAL, 0))
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fp:
+        for r in records:
+            fp.write(json.dumps(r) + "\n")
+    return records
+
+
+def read_geneval_metadata(path: str) -> list[dict]:
+    try:
+        with open(path) as fp:
+            return [json.loads(line) for line in fp if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read GenEval metadata {path}: {e}") from e
+
+
+def write_geneval_reference(out_dir: str, metadata: list[dict], seed: int = HELDOUT_SEED,
+                            image_size: int = 64, n_images: int = 4) -> None:
+    """Reference images that satisfy each record, in GenEval's output layout
+    ``<out_dir>/<%05d>/metadata.jsonl`` + ``samples/<%04d>.png``: what a perfect generator
+    would write (a scorer run on them should find every image correct)."""
+    for p, meta in enumerate(metadata):
+        folder = os.path.join(out_dir, f"{p:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as fp:
+            json.dump(meta, fp)
+        for k in range(n_images):
+            scene = scene_for_metadata(meta, _rng(seed, _STREAM_REFERENCE, p * 1000 + k), image_size)
+            Image.fromarray(render(scene)).save(os.path.join(folder, "samples", f"{k:04d}.png"))
+
+
+def rotate_question(row: dict, k: int) -> dict:
+    """The k-th CircularEval copy of a question: options shifted so option ``(j + k) % n``
+    lands on letter j, the answer letter moved with its option, ``index + k * 1_000_000``."""
+    letters = [ch for ch in OPTION_LETTERS if row.get(ch, "") != ""]
+    n = len(letters)
+    opts = [row[ch] for ch in letters]
+    ans = letters.index(row["answer"])
+    out = dict(row)
+    for j in range(n):
+        out[letters[j]] = opts[(j + k) % n]
+    out["answer"] = letters[(ans - k) % n]
+    out["index"] = int(row["index"]) + k * CIRCULAR_OFFSET
+    return out
+
+
+def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
+                 circular: bool = True) -> list[dict]:
+    """``n`` MMBench questions (row dicts with the TSV columns), one scene each, categories
+    in turn; then, with ``circular``, the rotated copies (k = 1 .. options - 1)."""
+    if n < 1:
+        raise InputError(f"n={n}; must be >= 1")
+    rows = []
+    for i in range(n):
+        rng = _rng(seed, _STREAM_MMBENCH, i)
+        scene: Scene = sample_scene(rng, image_size)
+        qs = mmbench_questions(scene, rng)
+        want = MMBENCH_CATEGORIES[i % len(MMBENCH_CATEGORIES)]
+        pick = [q for q in qs if q["category"] == want] or qs
+        q = pick[int(rng.integers(len(pick)))]
+        row = {c: "" for c in MMBENCH_COLUMNS}
+        row.update({
+            "index": i, "question": q["question"], "hint": q["hint"], "answer": q["answer"],
+            "category": q["category"], "l2-category": q["l2-category"],
+            "image": base64.b64encode(png_bytes(render(scene))).decode("ascii"),
+            "source": "shapes-world", "comment": "", "split": "dev",
+        })
+        for ch, opt in zip(OPTION_LETTERS, q["options"]):
+            row[ch] = opt
+        rows.append(row)
+    if circular:
+        rows += [rotate_question(r, k) for k in range(1, 4) for r in rows[:n]
+                 if k < sum(1 for ch in OPTION_LETTERS if r[ch] != "")]
+    return rows
+
+
+def write_mmbench_tsv(path: str, n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
+                      circular: bool = True) -> list[dict]:
+    """The MMBench TSV (columns ``MMBENCH_COLUMNS``, tab-separated, base64 PNG images) of
+    ``mmbench_rows``. Returns the rows."""
+    rows = mmbench_rows(n, seed, image_size, circular)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as fp:
+        w = csv.DictWriter(fp, fieldnames=list(MMBENCH_COLUMNS), delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return rows
+
+
+__all__ = [
+    "DEFAULT_MIX", "HELDOUT_SEED", "MMBENCH_COLUMNS", "TRAIN_SEED", "make_sample",
+    "mmbench_rows", "png_bytes", "read_geneval_metadata", "rotate_question",
+    "write_geneval_metadata", "write_geneval_reference", "write_mmbench_tsv", "write_shards",
+]
