@@ -1,4 +1,4 @@
-"""``cheers`` command line: demo, generate, edit, understand, chat, train, export, convert, init, info.
+"""``cheers`` command line: generate, edit, understand, chat, train, export, convert, init, info.
 
 Every command is a thin shell over the Python API. Errors on bad input print one line naming
 the problem and exit with status 2 (no traceback).
@@ -176,16 +176,20 @@ def cmd_info(args) -> None:
     print(f"LLM tokens per {cfg.tokenizer.image_size} px image: {cfg.tokens_per_image}")
 
 
-def _forward(module: str, argv: list[str]) -> None:
+def _forward(target: str, argv: list[str]) -> None:
+    """Run ``module:function(argv)``; a non-zero return value becomes the exit status."""
     import importlib
 
+    module, _, fn = target.partition(":")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
             raise CheersError(f"this command is not available in this version ({module} is missing)") from e
         raise
-    mod.main(argv)
+    rc = getattr(mod, fn or "main")(argv)
+    if rc:
+        sys.exit(rc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", default="cheers-1.5b")
     p.set_defaults(fn=cmd_info)
 
-    for name, module in (("demo", "cheers.demo"), ("debug-checkpoint", "cheers.debug_checkpoint"), ("train", "cheers.train.__main__"),
-                         ("export", "cheers.train.export"), ("eval", "cheers.eval.cli"),
-                         ("quantize", "cheers.lcqat.cli")):
+    for name, module in (("debug-checkpoint", "cheers.debug_checkpoint:main"),
+                         ("train", "cheers.train.__main__:main"),
+                         ("export", "cheers.train.__main__:export_main")):
         p = sub.add_parser(name, help=f"see `cheers {name} --help`", add_help=False)
         p.set_defaults(fn=None, module=module)
     return ap

@@ -265,9 +265,9 @@ def _flavour_debug() -> ModelConfig:
             stage_a_blocks=2, stage_a_heads=4, stage_a_kv_heads=2,
             stage_b_blocks=1, stage_b_heads=4, stage_b_kv_heads=2,
         ),
+        # ids 0..7: where ``train_bpe`` puts the special tokens of a tokenizer trained on the fly
         tokens=SpecialTokens(
-            pad=300, chat_start=301, eos=302, image=303, image_gen=304,
-            im_start=305, im_end=306, no_mean=307,
+            pad=0, chat_start=1, eos=2, image=3, image_gen=4, im_start=5, im_end=6, no_mean=7,
         ),
         max_seq_len=512,
     )

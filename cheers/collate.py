@@ -1,0 +1,86 @@
+"""Training samples -> packed ``Batch``: tokenisation with the chat layout, CFG prompt drop,
+packing to the row budget. The trainer's data pipeline yields ``RawSample``s; this turns a
+list of them into one batch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from cheers.config import ModelConfig
+from cheers.errors import InputError
+from cheers.sequence import (
+    IGNORE,
+    Batch,
+    Sequence,
+    expand_placeholders,
+    greedy_rows,
+    null_prompt,
+    pack,
+)
+from cheers.text_tokenizer import TextTokenizer
+
+
+def _unit_hash(key: str) -> float:
+    """A uniform number in [0, 1) fixed by the sample key (reproducible across restarts)."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def _turns(conversations: list[dict]) -> tuple[str, str]:
+    """First (question, answer) pair of LLaVA-style (``from/value``) or chat-style (``role/content``) turns."""
+    texts = [(t.get("from") or t.get("role"), t.get("value", t.get("content", ""))) for t in conversations]
+    q = next((v for r, v in texts if r in ("human", "user")), None)
+    a = next((v for r, v in texts if r in ("gpt", "assistant")), None)
+    if q is None or a is None:
+        raise InputError(f"conversations lack a user/assistant pair: {conversations!r}")
+    return q.replace("<image>", "").strip(), a.strip()
+
+
+class Collator:
+    """Callable ``list[RawSample] -> Batch``."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer, *, label_policy: str = "assistant",
+                 cfg_drop_rate: float | None = None):
+        if tokenizer.special != cfg.tokens:
+            raise InputError(f"tokenizer special ids {tokenizer.special} differ from model.tokens {cfg.tokens}")
+        self.cfg, self.tok = cfg, tokenizer
+        self.policy = label_policy
+        self.drop = cfg.transport.cfg_drop_rate if cfg_drop_rate is None else cfg_drop_rate
+
+    def sequence(self, sample) -> Sequence:
+        tok, cfg = self.tok, self.cfg
+        if sample.task == "t2i":
+            ids, labels = tok.t2i_sample(sample.text, policy=self.policy)
+            if _unit_hash(sample.key) < self.drop:
+                # classifier-free guidance: the official null prompt (same length, <no_mean>),
+                # which trains the image alone
+                ids, labels = null_prompt(ids, cfg), [IGNORE] * len(labels)
+            return expand_placeholders(ids, labels, cfg, [sample.image], [True])
+        if sample.task == "i2t":
+            question, answer = _turns(sample.conversations)
+            ids, labels = tok.i2t_sample(question, answer, policy=self.policy)
+            return expand_placeholders(ids, labels, cfg, [sample.image], [False])
+        if sample.task == "text":
+            ids, labels = tok.text_sample(sample.text)
+            return expand_placeholders(ids, labels, cfg, [])
+        raise InputError(f"sample {sample.key}: unknown task {sample.task!r}")
+
+    def __call__(self, samples) -> Batch:
+        seqs = []
+        for s in samples:
+            seq = self.sequence(s)
+            if len(seq) > self.cfg.max_seq_len:  # truncate text; never cut an image block
+                keep = self.cfg.max_seq_len
+                if any(i >= 0 for i in seq.image_index[keep:]):
+                    raise InputError(f"sample {s.key}: {len(seq)} tokens with an image past max_seq_len")
+                seq = Sequence(seq.ids[:keep], seq.targets[:keep], seq.image_index[:keep],
+                               seq.image_slot[:keep], seq.bidirectional[:keep], seq.images, seq.is_gen)
+            seqs.append(seq)
+        rows = greedy_rows([len(s) for s in seqs], self.cfg.max_seq_len)
+        return pack(seqs, self.cfg, rows=rows)
+
+
+def make_collate(cfg: ModelConfig, tokenizer_dir: str | Path) -> Callable[[list], Batch]:
+    """The trainer's collate function for a model config and a ``tokenizer.json`` folder."""
+    return Collator(cfg, TextTokenizer.from_dir(tokenizer_dir))

@@ -1,0 +1,54 @@
+"""The whole path with the real model: shapes shards -> tokenizer -> trainer -> export -> pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cheers.cli import main as cli_main
+from cheers.collate import Collator
+from cheers.config import flavour
+from cheers.pipeline import Pipeline
+from cheers.shapes.dataset import write_shards
+from cheers.text_tokenizer import train_bpe
+from cheers.train.data import RawSample
+
+
+def _tokenizer(path):
+    corpus = ["a red circle above a blue square", "How many stars are there?", "two green crosses",
+              "What colour is the triangle?", "A. red B. blue C. green D. yellow"] * 10
+    tok = train_bpe(corpus, vocab_size=300)
+    tok.save(path)
+    return tok
+
+
+def test_collate_builds_mixed_batches(tmp_path):
+    cfg = flavour("debug")
+    tok = _tokenizer(tmp_path)
+    img = torch.rand(3, 64, 64)
+    samples = [RawSample("a", "t2i", "a red circle", [], img),
+               RawSample("b", "i2t", "", [{"from": "human", "value": "<image>\nWhat colour?"},
+                                          {"from": "gpt", "value": "red"}], img),
+               RawSample("c", "text", "two green crosses", [], None)]
+    batch = Collator(cfg, tok, cfg_drop_rate=0.0)(samples)
+    assert batch.num_images == 2 and batch.is_gen.tolist() == [True, False]
+    assert (batch.image_index >= 0).sum() == 2 * cfg.tokens_per_image
+    dropped = Collator(cfg, tok, cfg_drop_rate=1.0)(samples[:1])
+    assert (dropped.input_ids == cfg.tokens.no_mean).sum() > 5  # the prompt became the null prompt
+
+
+def test_train_export_and_generate(tmp_path):
+    shards = write_shards(tmp_path / "data", n_samples=32, seed=0, image_size=64, samples_per_shard=16)
+    assert len(shards) == 2
+    _tokenizer(tmp_path / "tok")
+    run = tmp_path / "run"
+    cli_main(["train", "--config", "configs/debug.yaml", f"data.shards=['{tmp_path}/data/*.tar']",
+              f"data.tokenizer_dir={tmp_path / 'tok'}", f"train.out_dir={run}", "train.steps=3",
+              "train.ckpt_every=3", "train.log_every=1", "data.num_workers=0", "train.fsdp=false"])
+    cli_main(["export", str(run), str(tmp_path / "export")])
+    (tmp_path / "export" / "tokenizer.json").write_bytes((tmp_path / "tok" / "tokenizer.json").read_bytes())
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["flavour"] == "debug"
+    pipe = Pipeline.from_pretrained(tmp_path / "export")
+    images = pipe.generate(["a red circle"], steps=2, cfg_scale=2.0)
+    assert images[0].size == (64, 64)

@@ -1,0 +1,66 @@
+"""``python -m cheers.train --config X.yaml [dotted.key=value ...]`` (also under torchrun).
+
+``main(argv)`` is what ``cheers train ...`` calls; ``export_main(argv)`` is ``cheers export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cheers.errors import CheersError
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s %(levelname)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) from a YAML config and dotted overrides; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="cheers train",
+        description="Train Cheers. Launch with torchrun --nproc_per_node=N for several processes.",
+    )
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults apply without one")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from .config import load_run_config
+    from .trainer import train
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        result = train(cfg)
+    except CheersError as e:
+        logging.getLogger("cheers.train").error("%s: %s", type(e).__name__, e)
+        return 2
+    logging.getLogger("cheers.train").info("done at step %d in %s", result.step, result.out_dir)
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Write a checkpoint as a plain folder: config.json + model.safetensors."""
+    parser = argparse.ArgumentParser(prog="cheers export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="a step_XXXXXXX folder, or a run folder (its latest)")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from .checkpoint import export
+
+    try:
+        export(args.checkpoint, args.out, ema=args.ema)
+    except CheersError as e:
+        logging.getLogger("cheers.train").error("%s: %s", type(e).__name__, e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
