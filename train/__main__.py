@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("cheers.train").error("%s: %s", type(e).__name__, e)
         return 2
     logging.getLogger("cheers.train").info("done at step %d in %s", result.step, result.out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and __name__ == "__main__":
+        # everything is written and the group is gone; skip interpreter finalisation, where
+        # gloo's worker threads have been seen to abort (rarely) after a clean run
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
