@@ -143,30 +143,12 @@ class Scene:
 
 
 def relation_set(box_a, box_b, margin: float = POSITION_MARGIN) -> set[str]:
-    """Relations of box A to box B by GenEval's rule (the centre offset, shrunk by
-    ``margin`` times the summed box sizes, must point mostly along one axis).
+    """Relations of box A to box B by GenEval's rule (the centre offset, shrunk by ``margin``
+    times the summed box sizes, must point mostly along one axis): the scorer's own rule, so a
+    scene always satisfies what it is scored on."""
+    from cheers.eval.geneval_rules import relative_position
 
-    Boxes are ``(x0, y0, x1, y1)`` in pixels. ``cheers.eval.geneval_rules`` holds the
-    scorer's copy of this rule; a test keeps the two equal.
-    """
-    a = np.asarray(box_a, dtype=np.float64)[:4]
-    b = np.asarray(box_b, dtype=np.float64)[:4]
-    offset = (a[:2] + a[2:]) / 2.0 - (b[:2] + b[2:]) / 2.0
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - margin * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
+    return relative_position(box_a, box_b, margin)
 
 
 def _star_vertices(cx: float, cy: float, size: float) -> np.ndarray:
