@@ -391,6 +391,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" (no dot) as a string; on the command line it is a number
+                value = float(value) if any(ch.isdigit() for ch in value) else value
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

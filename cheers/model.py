@@ -108,9 +108,12 @@ class CheersModel(nn.Module):
             )
         device = batch.input_ids.device
         tokens = patch_embeds = None
+        idle = None  # zero-weight outputs of parts this batch does not use (see _idle)
         if batch.num_images:
             x1, x0, t, xt = self.prepare_images(batch, generator)
             tokens, patch_embeds = self.image_tokens(xt)
+        elif self.training:
+            idle = self._idle_tokens(device)
         embeds = self.embed(batch.input_ids, batch.image_index, batch.image_slot, tokens)
         mask = build_dense_mask(batch.doc_ids, batch.block_ids)
         hidden = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask)
@@ -135,18 +138,32 @@ class CheersModel(nn.Module):
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx])
         else:
             v_pred = None
-            flow = self._unused_head_loss(device) if self.training else ce.new_zeros(())
+            flow = ce.new_zeros(())
+            if self.training:
+                idle = self._idle_head(device) + (0.0 if idle is None else idle)
         loss = ce + self.cfg.transport.flow_loss_weight * flow
+        if idle is not None:
+            loss = loss + idle
         out = {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
 
-    def _unused_head_loss(self, device) -> torch.Tensor:
-        """Zero loss that still runs the image path, so every parameter takes part in each step
-        (FSDP needs the same collectives on every rank, whatever the micro-batch holds)."""
+    # Every trainable part runs exactly once per training forward, in the same order
+    # (vision tokenizer -> LLM -> head), whatever the micro-batch holds: FSDP issues one
+    # all-gather per unit in that order, and ranks with different batches must agree.
+
+    def _idle_tokens(self, device) -> torch.Tensor:
+        """Zero loss through the vision tokenizer, for batches without images."""
         g, c = self.cfg.latent_grid, self.cfg.tokenizer.vae.latent_channels
         xt = torch.zeros(1, c, g, g, device=device, dtype=next(self.head.parameters()).dtype)
         tokens, patch_embeds = self.image_tokens(xt)
-        v = self.velocity(tokens, torch.ones(1, device=device), xt, patch_embeds)
-        return v.sum() * 0.0
+        return tokens.sum() * 0.0 + patch_embeds.sum() * 0.0
+
+    def _idle_head(self, device) -> torch.Tensor:
+        """Zero loss through the flow head, for batches without generation images."""
+        cfg = self.cfg
+        dtype = next(self.head.parameters()).dtype
+        hidden = torch.zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size, device=device, dtype=dtype)
+        detail = torch.zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size, device=device, dtype=dtype)
+        return self.head(hidden, torch.ones(1, device=device), detail).sum() * 0.0

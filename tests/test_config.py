@@ -42,6 +42,8 @@ def test_dotted_overrides():
     cfg = model_config_from_dict({"flavour": "debug", **over})
     assert cfg.llm.hidden_size == 64 and cfg.head.stage_b_positions == "raster"
     assert cfg.transport.cfg_scale == 3.0
+    assert parse_overrides(["train.lr=1e-4"]) == {"train": {"lr": 1e-4}}  # YAML 1.1 would say "1e-4"
+    assert parse_overrides(["train.out_dir=runs/a1"]) == {"train": {"out_dir": "runs/a1"}}
     with pytest.raises(ConfigError, match="not of the form"):
         parse_overrides(["llm.hidden_size"])
 

@@ -97,10 +97,10 @@ class ToyModel(nn.Module):
         b = batch.tokens.shape[0]
         x1 = rearrange(self.tokenizer.vae(batch.images), "b c h w -> b (h w) c")  # [B, N, C]
         if self.stochastic:
-            t = torch.rand(b, 1, 1)
+            t = torch.rand(b, 1, 1, device=x1.device).to(x1.dtype)
             x0 = torch.randn_like(x1)
         else:
-            t, x0 = torch.full((b, 1, 1), 0.5), torch.zeros_like(x1)
+            t, x0 = torch.full((b, 1, 1), 0.5, device=x1.device, dtype=x1.dtype), torch.zeros_like(x1)
         xt = t * x1 + (1 - t) * x0
         img = self.tokenizer.compressor(self.tokenizer.siglip(self.tokenizer.pixel_decoder(xt)))
         n = img.shape[1]
