@@ -1,4 +1,4 @@
-"""``cheers`` command line: generate, edit, understand, chat, train, export, convert, init, info.
+"""``cheers`` command line: demo, generate, edit, understand, chat, train, export, convert, init, info.
 
 Every command is a thin shell over the Python API. Errors on bad input print one line naming
 the problem and exit with status 2 (no traceback).
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", default="cheers-1.5b")
     p.set_defaults(fn=cmd_info)
 
-    for name, module in (("debug-checkpoint", "cheers.debug_checkpoint:main"),
+    for name, module in (("demo", "cheers.demo:main"), ("debug-checkpoint", "cheers.debug_checkpoint:main"),
                          ("train", "cheers.train.__main__:main"),
                          ("export", "cheers.train.__main__:export_main")):
         p = sub.add_parser(name, help=f"see `cheers {name} --help`", add_help=False)

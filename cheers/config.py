@@ -145,6 +145,9 @@ class TransportConfig:
     train_shift: float = 1.0  # for time_sampling="shifted"
     # what the head's output means; the loss is always on the velocity x1 - x0.
     prediction: Literal["velocity", "x1"] = "velocity"
+    # with prediction="x1" the training loss is on v = (x1_pred - xt) / max(1 - t, x1_loss_t_min):
+    # the clamp bounds the 1 / (1 - t)^2 weight that loss puts on nearly clean times
+    x1_loss_t_min: float = 0.05
     flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2
     sample_steps: int = 80
@@ -286,6 +289,8 @@ def register_flavour(name: str, builder: typing.Callable[[], ModelConfig]) -> No
 
 def flavour(name: str) -> ModelConfig:
     """The ``ModelConfig`` of a named flavour."""
+    if name == "shapes" and name not in FLAVOURS:
+        import cheers.shapes.flavour  # noqa: F401  (registers itself)
     if name not in FLAVOURS:
         raise ConfigError(f"unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}")
     return FLAVOURS[name]()
@@ -410,6 +415,8 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a dict that may name a base ``flavour`` and override parts of it."""
     data = dict(data)
     name = data.get("flavour")
+    if name == "shapes":
+        flavour(name)  # registers it
     if name is not None and name in FLAVOURS:
         base = to_dict(flavour(name))
         data = merge(base, data)

@@ -54,17 +54,18 @@ class CheersModel(nn.Module):
         return self.tokenizer(xt)
 
     def velocity(self, hidden: torch.Tensor, t: torch.Tensor, xt: torch.Tensor,
-                 patch_embeds: torch.Tensor) -> torch.Tensor:
+                 patch_embeds: torch.Tensor, t_min: float = 1e-4) -> torch.Tensor:
         """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm].
 
         With ``transport.prediction == "x1"`` the head predicts the clean latent and the
-        velocity is derived from it; the released model predicts the velocity directly.
+        velocity ``(x1 - xt) / max(1 - t, t_min)`` is derived from it (so an Euler step that
+        ends at t = 1 lands on the prediction); the released model predicts the velocity.
         """
         out = self.head(hidden, t, patch_embeds)  # [I, G*G, C]
         g = self.cfg.latent_grid
         out = rearrange(out, "i (h w) c -> i c h w", h=g, w=g)
         if self.cfg.transport.prediction == "x1":
-            return transport.velocity_from_x1(out, xt, t)
+            return transport.velocity_from_x1(out, xt, t, t_min=t_min)
         return out
 
     def embed(self, input_ids: torch.Tensor, image_index: torch.Tensor, image_slot: torch.Tensor,
@@ -134,7 +135,8 @@ class CheersModel(nn.Module):
             sel = torch.isin(batch.image_index, gen_idx)
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
-            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx])
+            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx],
+                                   t_min=self.cfg.transport.x1_loss_t_min)
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx])
         else:
             v_pred = None

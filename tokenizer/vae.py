@@ -115,11 +115,14 @@ class VAEEncoder(nn.Module):
         """Default init of every layer (used after a ``meta`` build and ``to_empty``)."""
         _reset_parameters(self)
 
+    def moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, C, H, W]`` -> ``[B, 2z, H/8, W/8]``: posterior mean and log-variance."""
+        _check_pixels(pixels, self.in_channels, self.downsample)
+        return self.quant_conv(self.net(pixels))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, C, H, W]`` in [0, 1] -> posterior mean ``z [B, z, H/8, W/8]``."""
-        _check_pixels(pixels, self.in_channels, self.downsample)
-        moments = self.quant_conv(self.net(pixels))  # [B, 2z, H/8, W/8]: mean, log-variance
-        return moments[:, : self.z_channels]  # [B, z, H/8, W/8]
+        return self.moments(pixels)[:, : self.z_channels]  # [B, z, H/8, W/8]
 
 
 class VAEDecoder(nn.Module):

@@ -82,6 +82,9 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # "auto": latest checkpoint in out_dir; "never"; or a checkpoint path
     stop_after: int | None = None  # leave cleanly after this step (a job's time slice)
+    # wall-clock budget of this run: training ends (with a checkpoint) once it is spent, and the
+    # schedule runs on whichever is further along, steps or time (a time-boxed demo or job)
+    max_seconds: float | None = None
 
     # --- logging
     log_every: int = 10
@@ -124,6 +127,8 @@ class TrainConfig:
             raise ConfigError("train.trainable is empty: nothing would train")
         if ":" not in self.task:
             raise ConfigError(f"train.task={self.task!r} must be 'module:attribute'")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"train.max_seconds must be > 0, got {self.max_seconds}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"train.stop_after must be >= 1, got {self.stop_after}")
 

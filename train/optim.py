@@ -111,8 +111,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     """Learning rate of optimiser step ``step`` (0-based).
+
+    ``time_frac`` (the spent fraction of ``max_seconds``) moves the schedule on as if
+    ``time_frac * steps`` steps had been taken, when that is further than ``step``.
 
     Linear warm-up over ``cfg.warmup`` steps (the first step gets lr / warmup), then:
     ``constant``; ``cosine`` down to ``lr * min_lr_ratio`` at the last step; ``wsd``
@@ -120,6 +123,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     down to ``lr * min_lr_ratio``.
     """
     warmup, total, floor = cfg.warmup, cfg.steps, cfg.min_lr_ratio
+    step = max(step, int(time_frac * total))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":

@@ -105,6 +105,9 @@ def _count_params(model: nn.Module) -> tuple[int, int]:
 class Trainer:
     """State of one run on one rank. Build with ``Trainer(cfg, env)``, then ``run()``."""
 
+    _t_start = 0.0  # wall clock at the start of run()
+    _frac = 0.0  # spent fraction of train.max_seconds at the current step
+
     def __init__(self, cfg: RunConfig, env: DistEnv, task: Task | None = None):
         self.cfg, self.env = cfg, env
         tc = cfg.train
@@ -256,8 +259,10 @@ class Trainer:
         history: list[dict[str, float]] = []
         window = _Window()
         saved: Path | None = None
+        self._t_start = time.monotonic()
         try:
             while self.step < last:
+                self._frac = self._time_frac()
                 t0 = time.perf_counter()
                 losses, grad_norm, tokens, lr = self._train_step()
                 self.step += 1
@@ -270,6 +275,8 @@ class Trainer:
                     if env.is_main:
                         history.append(row)
                         self._write_row(row, writer, bar)
+                if self._frac >= 1.0:  # train.max_seconds spent
+                    last = self.step
                 if self.step % tc.ckpt_every == 0 or self.step == last:
                     saved = self._save()
         finally:
@@ -283,6 +290,18 @@ class Trainer:
         return TrainResult(step=self.step, out_dir=self.out_dir, trainable=self.trainable,
                            skipped=skipped, history=history, checkpoint=saved)
 
+    def _time_frac(self) -> float:
+        """Spent fraction of ``train.max_seconds`` as rank 0 sees it (0 without a budget), so
+        every rank uses the same learning rate and stops at the same step."""
+        budget = self.cfg.train.max_seconds
+        if budget is None:
+            return 0.0
+        frac = torch.tensor([min(1.0, (time.monotonic() - self._t_start) / budget)], dtype=torch.float64,
+                            device=self.env.device)
+        if self.env.world_size > 1:
+            dist.broadcast(frac, src=0)
+        return float(frac.item())
+
     def _train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float]:
         """One optimiser step: ``accum`` micro-batches, clip, AdamW, EMA.
 
@@ -290,7 +309,7 @@ class Trainer:
         (before clipping), this rank's token count and the learning rate used.
         """
         tc, env = self.cfg.train, self.env
-        lr = lr_at(self.step, tc)
+        lr = lr_at(self.step, tc, self._frac)
         set_lr(self.optimizer, lr)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0

@@ -1,0 +1,325 @@
+"""``cheers demo``: the shapes world end to end on a CPU, with no download.
+
+Writes the data (WebDataset shards), trains a byte-level BPE tokenizer and the tiny VAE,
+trains the whole Cheers model through the project's trainer, then generates images for
+held-out GenEval-style prompts and answers held-out MMBench-style questions, scores both
+with the shapes evaluator (GenEval rules, CircularEval), and writes a report folder:
+
+    DIR/index.html  DIR/grid.png  DIR/loss.png  DIR/metrics.json  DIR/checkpoint/
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from cheers.config import load_yaml, merge, parse_overrides
+from cheers.errors import CheersError
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+
+
+class Budget:
+    """Wall-clock budget split between the phases of the demo."""
+
+    def __init__(self, minutes: float):
+        self.start = time.monotonic()
+        self.total = minutes * 60.0
+
+    def left(self) -> float:
+        return self.total - (time.monotonic() - self.start)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _corpus(shard_dir: Path, extra: list[str]) -> list[str]:
+    import tarfile
+
+    texts = list(extra)
+    for shard in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())
+                    texts.append(rec.get("text", ""))
+                    texts += [t["value"].replace("<image>", "") for t in rec.get("conversations", [])]
+    return texts
+
+
+def prepare(out: Path, n_train: int, seed: int, log) -> tuple[Path, Path]:
+    """Shards and tokenizer; returns (shard dir, tokenizer dir)."""
+    from cheers.shapes.dataset import write_shards
+    from cheers.text_tokenizer import DEFAULT_SYSTEM, train_bpe
+
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        from cheers.shapes.dataset import mmbench_rows
+        from cheers.shapes.world import format_mmbench_prompt
+
+        extra = [DEFAULT_SYSTEM, "system", "user", "assistant"]
+        extra += [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
+                  for r in mmbench_rows(200, seed=seed + 100, circular=False)]
+        tok = train_bpe(_corpus(data, extra), vocab_size=512)
+        tok.save(tok_dir)
+    log(f"data: {n_train} samples in {data}; tokenizer in {tok_dir}")
+    return data, tok_dir
+
+
+def build_init(out: Path, tok_dir: Path, vae_seconds: float, seed: int, log) -> Path:
+    """The starting model: the tiny VAE trained first, copied into the pixel decoder."""
+    from cheers.checkpoint import save_pretrained
+    from cheers.config import flavour
+    from cheers.model import CheersModel
+    from cheers.shapes.autoencoder import train_vae
+    from cheers.text_tokenizer import TextTokenizer
+
+    init = out / "init"
+    if (init / "model.safetensors").is_file():
+        return init
+    cfg = flavour("shapes")
+    tok = TextTokenizer.from_dir(tok_dir)
+    if tok.special != cfg.tokens or tok.vocab_size > cfg.llm.vocab_size:
+        raise CheersError(f"tokenizer {tok_dir} does not fit the shapes flavour")
+    bar = tqdm(desc="vae", unit="step", leave=False)
+    vae, losses = train_vae(cfg.tokenizer.vae, cfg.tokenizer.image_size, seconds=vae_seconds, seed=seed,
+                            progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
+    bar.close()
+    log(f"vae: {len(losses)} steps, reconstruction loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
+    torch.manual_seed(seed)
+    model = CheersModel(cfg)
+    model.init_weights()
+    model.tokenizer.vae.load_state_dict(vae.state_dict())
+    model.tokenizer.pixel_decoder.decoder.load_state_dict(vae.decoder.state_dict())
+    model.tokenizer.pixel_decoder.bn.load_state_dict(vae.bn.state_dict())
+    save_pretrained(model, init)
+    (init / "vae_losses.json").write_text(json.dumps(losses))
+    return init
+
+
+def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: float, overrides: list[str],
+                 device: str, log):
+    from cheers.train.config import run_config_from_dict
+    from cheers.train.trainer import train
+
+    base = load_yaml(CONFIG)
+    run_dir = out / "run"
+    over = [f"data.shards=['{data}/*.tar']", f"data.tokenizer_dir={tok_dir}", f"train.init_from={init}",
+            f"train.out_dir={run_dir}", f"train.device={device}", f"train.max_seconds={seconds:.0f}"]
+    cfg = run_config_from_dict(merge(base, parse_overrides(over + list(overrides))))
+    log(f"training for {seconds / 60:.1f} min (at most {cfg.train.steps} steps) in {run_dir}")
+    return train(cfg), run_dir
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_geneval(pipe, out: Path, n_per_tag: int, seed: int, steps: int, cfg_scale: float, log) -> dict:
+    """GenEval protocol on held-out shapes prompts: official folder layout, 4 images a prompt."""
+    from cheers.eval.geneval_rules import evaluate_image, summarize, write_results
+    from cheers.eval.shapes_detector import detect
+    from cheers.shapes.dataset import write_geneval_metadata
+
+    folder = out / "geneval"
+    meta = write_geneval_metadata(str(out / "geneval_metadata.jsonl"), n_per_tag, seed=seed)
+    prompts = [m["prompt"] for m in meta for _ in range(4)]
+    bar = tqdm(total=len(prompts) * steps, desc="geneval", unit="step")
+    images = pipe.generate(prompts, seed=seed * 100_000, steps=steps, cfg_scale=cfg_scale, batch_size=32,
+                           callback=lambda _n: bar.update(min(32, len(prompts))))
+    bar.close()
+    records, per_prompt = [], []
+    for i, m in enumerate(meta):
+        sample_dir = folder / f"{i:05d}" / "samples"
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(m) + "\n")
+        mine = images[4 * i:4 * i + 4]
+        for k, img in enumerate(mine):
+            path = sample_dir / f"{k:04d}.png"
+            img.save(path)
+            records.append(evaluate_image(detect(img), m, filename=str(path)))
+        per_prompt.append((m, mine))
+    write_results(records, str(folder / "results.jsonl"))
+    scores = summarize(records)
+    log("geneval: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    return {"scores": scores, "samples": per_prompt, "records": records}
+
+
+def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
+    """MMBench-style questions with CircularEval, answered by greedy decoding in batches."""
+    from cheers.eval.mmbench_scoring import evaluate_mmbench as score
+    from cheers.pipeline import load_image
+    from cheers.shapes.dataset import mmbench_rows
+    from cheers.shapes.world import format_mmbench_prompt
+
+    rows = mmbench_rows(n, seed=seed, circular=True)
+    eng, tok, size = pipe.engine, pipe.tokenizer, pipe.image_size
+    stop = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
+    preds = {}
+    batch = 32
+    for start in tqdm(range(0, len(rows), batch), desc="mmbench", unit="batch"):
+        chunk = rows[start:start + batch]
+        ids, imgs = [], []
+        for r in chunk:
+            prompt = format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
+            ids.append(tok.i2t_prompt(prompt, 1))
+            img = Image.open(io.BytesIO(base64.b64decode(r["image"])))
+            imgs.append([load_image(img, size)])
+        steps = list(eng.decode_text(ids, imgs, max_new_tokens=6, stop_ids=stop))
+        for j, r in enumerate(chunk):
+            toks = []
+            for s in steps:
+                t = int(s[j])
+                if t in stop:
+                    break
+                toks.append(t)
+            preds[r["index"]] = tok.decode(toks).strip()
+    result = score(rows, {i: p for i, p in preds.items()}, circular=True)
+    acc = result["acc"]
+    (out / "mmbench_predictions.json").write_text(json.dumps({str(k): v for k, v in preds.items()}, indent=1))
+    log("mmbench (circular): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return {"acc": acc}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_grid(samples, path: Path, per_row: int = 4, cell: int = 96) -> None:
+    """Generated images with their prompts, one prompt per row."""
+    rows = samples[: min(len(samples), 24)]
+    label_w = 300
+    grid = Image.new("RGB", (label_w + per_row * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (meta, images) in enumerate(rows):
+        draw.text((6, r * cell + cell // 2 - 12), f"[{meta['tag']}]\n{meta['prompt']}"[:90], fill="black")
+        for k, img in enumerate(images[:per_row]):
+            grid.paste(img.resize((cell - 4, cell - 4), Image.NEAREST), (label_w + k * cell + 2, r * cell + 2))
+    grid.save(path)
+
+
+def write_loss_plot(history: list[dict], vae_losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [h["step"] for h in history]
+    for key in ("loss", "ce", "flow"):
+        if history and key in history[0]:
+            axes[0].plot(steps, [h[key] for h in history], label=key)
+    axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("Cheers training")
+    axes[1].plot(vae_losses)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("VAE reconstruction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_html(out: Path, metrics: dict) -> None:
+    g, m = metrics["geneval"], metrics["mmbench"]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in g.items())
+    mrows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in metrics["mmbench_detail"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cheers shapes demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:2px 10px}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
+<h1>cheers: the shapes-world demo</h1>
+<p>{html.escape(metrics['summary'])}</p>
+<h2>GenEval protocol (held-out prompts, 4 images each, analytic detector)</h2><table>{rows}</table>
+<h2>MMBench protocol (held-out questions, CircularEval): overall {m['overall']:.3f}</h2><table>{mrows}</table>
+<h2>Generated images</h2><img src="grid.png" alt="generated images with their prompts">
+<h2>Loss curves</h2><img src="loss.png" alt="loss curves">
+<p>Checkpoint: <code>checkpoint/</code>. Try <code>cheers generate --prompt "a red circle"</code>.</p>
+</body></html>"""
+    (out / "index.html").write_text(page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cheers demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("outputs/shapes-demo"))
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=30000, help="training samples to write")
+    ap.add_argument("--eval-prompts", type=int, default=16, help="GenEval prompts per tag")
+    ap.add_argument("--eval-questions", type=int, default=100, help="MMBench questions (before rotations)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
+    args = ap.parse_args(argv)
+    from cheers.pipeline import Pipeline, default_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = Budget(args.minutes)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(f"[{budget.elapsed() / 60:5.1f} min] {msg}")
+        tqdm.write(lines[-1])
+
+    data, tok_dir = prepare(out, args.samples, args.seed, log)
+    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, seed=args.seed, log=log)
+    eval_reserve = 0.12 * budget.total
+    result, run_dir = run_training(out, data, tok_dir, init, max(60.0, budget.left() - eval_reserve),
+                                   args.overrides, args.device, log)
+    from cheers.train.checkpoint import export
+
+    ckpt = out / "checkpoint"
+    export(result.checkpoint, ckpt)
+    shutil.copy(tok_dir / "tokenizer.json", ckpt / "tokenizer.json")
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    tc = pipe.cfg.transport
+    gen = evaluate_geneval(pipe, out, args.eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, log)
+    mmb = evaluate_mmbench(pipe, out, args.eval_questions, args.seed + 1, log)
+
+    scores = gen["scores"]
+    tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+    metrics = {
+        "geneval": {"overall": scores["overall"], **{t: scores.get(t, 0.0) for t in tags}},
+        "mmbench": {"overall": mmb["acc"].get("Overall", 0.0)},
+        "mmbench_detail": mmb["acc"],
+        "train": {"steps": result.step, "final": result.history[-1] if result.history else {},
+                  "skipped_samples": result.skipped},
+        "wall_minutes": budget.elapsed() / 60,
+    }
+    metrics["summary"] = (f"{result.step} training steps; GenEval overall {scores['overall']:.3f}; "
+                          f"MMBench CircularEval {metrics['mmbench']['overall']:.3f}; "
+                          f"{metrics['wall_minutes']:.1f} minutes in all.")
+    write_grid(gen["samples"], out / "grid.png")
+    vae_losses = json.loads((init / "vae_losses.json").read_text())
+    write_loss_plot(result.history, vae_losses, out / "loss.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_html(out, metrics)
+    (out / "log.txt").write_text("\n".join(lines) + "\n")
+    if not args.no_cache:
+        cache = default_checkpoint()
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(ckpt, cache)
+        log(f"checkpoint cached at {cache}: `cheers generate` and `cheers understand` use it by default")
+    log(metrics["summary"])
+    print(f"report: {out / 'index.html'}")
+    return 0

@@ -1,0 +1,76 @@
+"""Pretraining the shapes world's tiny VAE, the frozen first stage of its vision tokenizer.
+
+The released model uses the FLUX.2 VAE; the shapes world has no pretrained one, so it trains
+its own first (reconstruction + a small KL), then fits the latent BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cheers.config import VAEConfig
+from cheers.shapes.world import BACKGROUND as _BG
+from cheers.shapes.world import render, sample_scene
+from cheers.tokenizer.vae import VAE
+
+BACKGROUND = torch.tensor(_BG, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
+
+
+def scene_images(n: int, image_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """[n, 3, S, S] float in [0, 1] of random shapes scenes."""
+    arr = np.stack([render(sample_scene(rng, image_size)) for _ in range(n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_steps: int = 3000,
+              batch: int = 8, lr: float = 3e-3, kl_weight: float = 1e-6, seed: int = 0,
+              device: str = "cpu", progress: Callable[[int, float], None] | None = None) -> tuple[VAE, list[float]]:
+    """Train a ``VAE`` on fresh scenes for ``seconds`` (or ``max_steps``); returns it with its
+    reconstruction-loss curve. Pixels stay in [0, 1], as the VAE sees them in the model."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 7])
+    vae = VAE(cfg)
+    vae.init_weights()
+    vae.to(device).train()
+    params = [*vae.encoder.parameters(), *vae.decoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pool = scene_images(2048, image_size, rng)  # re-drawn in part each step: cheap and varied
+    losses: list[float] = []
+    start = time.monotonic()
+    step = 0
+    while step < max_steps and time.monotonic() - start < seconds:
+        idx = torch.randint(0, len(pool), (batch,))
+        x = pool[idx].to(device)
+        moments = vae.encoder.moments(x)  # [B, 2z, h, w]: mean and log-variance
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30, 20)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        recon = vae.decoder(z)
+        # shapes are small on a plain background: weight the pixels that differ from it, or
+        # the first hundred steps only learn the grey
+        weight = 1.0 + 8.0 * (x - BACKGROUND.to(x)).abs().amax(dim=1, keepdim=True)
+        rec = ((recon - x).abs() * weight).mean() + ((recon - x).square() * weight).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:  # cosine decay over the expected number of steps
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
+        opt.step()
+        losses.append(rec.item())
+        step += 1
+        if step % 64 == 0:
+            pool[: batch * 2] = scene_images(batch * 2, image_size, rng)
+            pool = pool[torch.randperm(len(pool))]
+        if progress:
+            progress(step, losses[-1])
+    vae.eval()
+    with torch.no_grad():
+        latents = [vae.encoder(pool[i:i + 256].to(device)) for i in range(0, len(pool), 256)]
+        vae.bn.fit_statistics(latents)
+    return vae.cpu(), losses

@@ -1,0 +1,88 @@
+"""The shapes world's model: its VAE pretraining, a short training run that lowers both
+losses, and `cheers demo` end to end on a tiny budget (report files and metrics schema)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cheers.cli import main as cli_main
+from cheers.config import flavour
+from cheers.shapes.autoencoder import train_vae
+from cheers.shapes.dataset import write_shards
+from cheers.text_tokenizer import train_bpe
+
+
+def test_shapes_flavour_dimensions():
+    cfg = flavour("shapes")
+    assert cfg.tokenizer.image_size == 64 and cfg.latent_grid == 8 and cfg.tokens_per_image == 16
+    assert cfg.transport.prediction == "x1" and not cfg.dummy_image_prefix
+
+
+def test_vae_pretraining_lowers_reconstruction_loss():
+    cfg = flavour("shapes").tokenizer.vae
+    vae, losses = train_vae(cfg, 64, seconds=60, max_steps=40, batch=4)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    # the latent statistics were fitted: normalised latents are roughly standard
+    with torch.no_grad():
+        x1 = vae.encode(torch.rand(4, 3, 64, 64))
+    assert x1.shape == (4, 16, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shards(str(root / "data"), n_samples=256, seed=0, image_size=64, samples_per_shard=128)
+    corpus = ["a photo of a red circle above a blue square", "How many stars are there?",
+              "What colour is the triangle? A. red B. blue", "two green crosses", "assistant user system"]
+    train_bpe(corpus * 20, vocab_size=400).save(root / "tok")
+    return root
+
+
+def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
+    from cheers.train.config import load_run_config
+    from cheers.train.trainer import train
+
+    cfg = load_run_config("configs/shapes.yaml", [
+        f"data.shards=['{shapes_data}/data/*.tar']", f"data.tokenizer_dir={shapes_data / 'tok'}",
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=40", "train.global_batch=8", "train.micro_batch=8",
+        "train.warmup_steps=5", "train.log_every=5", "train.progress=false", "data.ratios={t2i: 0.6, i2t: 0.4}",
+        "train.trainable=['*']"])
+    result = train(cfg)
+    first, last = result.history[0], result.history[-1]
+    print({k: (first[k], last[k]) for k in ("ce", "flow")})
+    assert last["ce"] < 0.7 * first["ce"]
+    assert last["flow"] < 0.9 * first["flow"]
+
+
+def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):
+    from cheers.train.config import load_run_config
+    from cheers.train.trainer import train
+
+    cfg = load_run_config("configs/shapes.yaml", [
+        f"data.shards=['{shapes_data}/data/*.tar']", f"data.tokenizer_dir={shapes_data / 'tok'}",
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=100000", "train.global_batch=4",
+        "train.micro_batch=4", "train.max_seconds=3", "train.progress=false"])
+    result = train(cfg)
+    assert 0 < result.step < 100000
+    assert result.checkpoint is not None and result.checkpoint.is_dir()
+
+
+def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
+    cli_main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "1.5", "--samples", "300",
+              "--eval-prompts", "1", "--eval-questions", "4", "train.global_batch=8", "train.micro_batch=8"])
+    out = tmp_path / "demo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["geneval"]) == {"overall", "single_object", "two_object", "counting", "colors",
+                                       "position", "color_attr"}
+    assert 0.0 <= metrics["mmbench"]["overall"] <= 1.0
+    for name in ("index.html", "grid.png", "loss.png", "checkpoint/config.json", "checkpoint/tokenizer.json",
+                 "geneval/00000/metadata.jsonl", "geneval/00000/samples/0003.png", "geneval/results.jsonl"):
+        assert (out / name).is_file(), name
+    # the cached checkpoint makes `cheers generate` work with no --ckpt
+    cli_main(["generate", "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "gen")])
+    assert (tmp_path / "gen" / "00000.png").is_file()
