@@ -293,12 +293,17 @@ def write_results(records: Iterable[dict], path: str) -> None:
             fp.write(json.dumps(r) + "\n")
 
 
-def read_results(path: str) -> list[dict]:
+def read_jsonl(path: str, what: str = "JSON lines") -> list[dict]:
+    """The records of a JSON-lines file; an unreadable file or line raises InputError naming it."""
     try:
         with open(path) as fp:
             return [json.loads(line) for line in fp if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read GenEval results {path}: {e}") from e
+        raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+def read_results(path: str) -> list[dict]:
+    return read_jsonl(path, "GenEval results")
 
 
 def summarize(records: Sequence[dict]) -> dict:

@@ -158,11 +158,9 @@ def write_geneval_metadata(path: str, n_per_tag: int, seed: int = HELDOUT_SEED) 
 
 
 def read_geneval_metadata(path: str) -> list[dict]:
-    try:
-        with open(path) as fp:
-            return [json.loads(line) for line in fp if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read GenEval metadata {path}: {e}") from e
+    from cheers.eval.geneval_rules import read_jsonl
+
+    return read_jsonl(path, "GenEval metadata")
 
 
 def write_geneval_reference(out_dir: str, metadata: list[dict], seed: int = HELDOUT_SEED,
