@@ -66,6 +66,10 @@ def prepare(out: Path, n_train: int, seed: int, log) -> tuple[Path, Path]:
     data = out / "data"
     if not (data / "manifest.json").is_file():
         write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000)
+    easy = out / "data-easy"
+    if not (easy / "manifest.json").is_file():  # one- and two-object scenes: the curriculum's start
+        write_shards(str(easy), n_samples=n_train // 3, seed=seed + 50, image_size=64, samples_per_shard=2000,
+                     kinds=("single", "two"))
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows
@@ -74,9 +78,9 @@ def prepare(out: Path, n_train: int, seed: int, log) -> tuple[Path, Path]:
         extra = [DEFAULT_SYSTEM, "system", "user", "assistant"]
         extra += [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
                   for r in mmbench_rows(200, seed=seed + 100, circular=False)]
-        tok = train_bpe(_corpus(data, extra), vocab_size=512)
+        tok = train_bpe(_corpus(data, extra) + _corpus(easy, []), vocab_size=512)
         tok.save(tok_dir)
-    log(f"data: {n_train} samples in {data}; tokenizer in {tok_dir}")
+    log(f"data: {n_train} samples in {data}, {n_train // 3} simple ones in {easy}; tokenizer in {tok_dir}")
     return data, tok_dir
 
 
@@ -112,12 +116,12 @@ def build_init(out: Path, tok_dir: Path, vae_seconds: float, seed: int, log) -> 
 
 
 def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: float, overrides: list[str],
-                 device: str, log):
+                 device: str, log, name: str = "run"):
     from cheers.train.config import run_config_from_dict
     from cheers.train.trainer import train
 
     base = load_yaml(CONFIG)
-    run_dir = out / "run"
+    run_dir = out / name
     over = [f"data.shards=['{data}/*.tar']", f"data.tokenizer_dir={tok_dir}", f"train.init_from={init}",
             f"train.out_dir={run_dir}", f"train.device={device}", f"train.max_seconds={seconds:.0f}"]
     cfg = run_config_from_dict(merge(base, parse_overrides(over + list(overrides))))
@@ -262,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=30000, help="training samples to write")
     ap.add_argument("--eval-prompts", type=int, default=16, help="GenEval prompts per tag")
     ap.add_argument("--eval-questions", type=int, default=100, help="MMBench questions (before rotations)")
+    ap.add_argument("--curriculum", type=float, default=0.35,
+                    help="fraction of the training time spent on one- and two-object scenes first (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
@@ -282,9 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     data, tok_dir = prepare(out, args.samples, args.seed, log)
     init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, seed=args.seed, log=log)
     eval_reserve = 0.12 * budget.total
-    result, run_dir = run_training(out, data, tok_dir, init, max(60.0, budget.left() - eval_reserve),
-                                   args.overrides, args.device, log)
     from cheers.train.checkpoint import export
+
+    seconds = max(60.0, budget.left() - eval_reserve)
+    history: list[dict] = []
+    if args.curriculum > 0:  # simple scenes first, then everything
+        first, _ = run_training(out, out / "data-easy", tok_dir, init, args.curriculum * seconds,
+                                args.overrides, args.device, log, name="run-easy")
+        init = out / "init-easy"
+        export(first.checkpoint, init)
+        history += first.history
+        seconds = max(60.0, budget.left() - eval_reserve)
+    result, run_dir = run_training(out, data, tok_dir, init, seconds, args.overrides, args.device, log)
+    offset = history[-1]["step"] if history else 0
+    history += [{**h, "step": h["step"] + offset} for h in result.history]
+    result.history = history
+    result.step += offset
 
     ckpt = out / "checkpoint"
     export(result.checkpoint, ckpt)
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"MMBench CircularEval {metrics['mmbench']['overall']:.3f}; "
                           f"{metrics['wall_minutes']:.1f} minutes in all.")
     write_grid(gen["samples"], out / "grid.png")
-    vae_losses = json.loads((init / "vae_losses.json").read_text())
+    vae_losses = json.loads((out / "init" / "vae_losses.json").read_text())
     write_loss_plot(result.history, vae_losses, out / "loss.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_html(out, metrics)

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -78,7 +78,8 @@ def _task_schedule(n: int, mix: Mapping[str, float]) -> list[str]:
     return out
 
 
-def make_sample(task: str, rng: np.random.Generator, image_size: int = 64) -> tuple[dict, np.ndarray | None]:
+def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
+                kinds: Sequence[str] | None = None) -> tuple[dict, np.ndarray | None]:
     """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
 
     t2i: ``text`` is the caption. i2t: one human/gpt exchange in ``conversations`` (an
@@ -87,7 +88,8 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64) -> tu
     """
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
-    scene = sample_scene(rng, image_size)
+    kind = None if kinds is None else str(rng.choice(list(kinds)))
+    scene = sample_scene(rng, image_size, kind)
     image = render(scene)
     record = {"task": task, "text": caption(scene, rng),
               "width": scene.width, "height": scene.height}
@@ -110,8 +112,12 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64) -> tu
 
 
 def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
-                 mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000) -> list[str]:
+                 mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
+                 kinds: Sequence[str] | None = None) -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
+
+    ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
+    for the first phase of a curriculum.
 
     Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
     ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
@@ -128,7 +134,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         path = os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar")
         with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
             for i in range(start, min(start + samples_per_shard, n_samples)):
-                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size)
+                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds)
                 sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
                 if image is not None:
                     sample["png"] = png_bytes(image)
@@ -137,6 +143,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
     manifest = {
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
+        "kinds": list(kinds) if kinds is not None else None,
         "shards": [os.path.basename(p) for p in paths],
         "tasks": {t: tasks.count(t) for t in TASKS},
     }
