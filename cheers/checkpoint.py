@@ -21,7 +21,6 @@ from cheers.config import (
     SiglipConfig,
     SpecialTokens,
     TokenizerConfig,
-    from_dict,
     model_config_from_dict,
     to_dict,
 )
@@ -259,9 +258,3 @@ def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
         raise ConfigError(f"--to must be 'official' or 'cheers', got {to!r}")
     model = load_pretrained(src)
     save_pretrained(model, dst, official=(to == "official"))
-
-
-def config_from_json(data: dict[str, Any]) -> ModelConfig:
-    """Strictly rebuild a ``ModelConfig`` from our ``config.json`` dict."""
-    return from_dict(ModelConfig, data, prefix="model.")
-

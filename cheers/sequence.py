@@ -70,14 +70,6 @@ class Batch:
         return 0 if self.images is None else int(self.images.shape[0])
 
 
-def image_block(n_tokens: int, tokens_cfg, image_idx: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    """ids, targets, image_index, image_slot of ``<im_start> [N slots] <im_end>`` (targets filled later)."""
-    ids = [tokens_cfg.im_start] + [tokens_cfg.pad] * n_tokens + [tokens_cfg.im_end]
-    index = [-1] + [image_idx] * n_tokens + [-1]
-    slot = [-1] + list(range(n_tokens)) + [-1]
-    return ids, [IGNORE] * len(ids), index, slot
-
-
 def shift_labels(labels: list[int], ids: list[int], image_index: list[int], im_start: int) -> list[int]:
     """Per-position labels (the token's own id or -100) -> next-token targets.
 
