@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from cheers.checkpoint import load_pretrained
 from cheers.errors import CheckpointError, InputError
 from cheers.generate import Engine
+from cheers.images import square_tensor
 from cheers.sequence import null_prompt
 from cheers.text_tokenizer import TextTokenizer
 
@@ -41,14 +42,7 @@ def load_image(src: str | Path | Image.Image, size: int) -> torch.Tensor:
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"cannot read image {path}: {e}") from e
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return square_tensor(img, size)
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:

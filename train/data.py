@@ -45,6 +45,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from cheers.errors import InputError
+from cheers.images import square_tensor
 
 from .config import TASKS, DataConfig
 
@@ -429,15 +430,7 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
     """
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")  # forces the full decode: truncated files fail here
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    arr = np.asarray(im, dtype=np.uint8)  # [H, W, 3]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return square_tensor(im, size)
 
 
 def _decode(rec: _Record, size: int) -> RawSample | tuple[str, str]:
