@@ -204,10 +204,3 @@ def null_prompt(ids: list[int], cfg: ModelConfig) -> list[int]:
     keep = {cfg.tokens.im_start, cfg.tokens.im_end, cfg.tokens.image, cfg.tokens.image_gen,
             UND_PLACEHOLDER, GEN_PLACEHOLDER}
     return [tok if tok in keep else cfg.tokens.no_mean for tok in ids]
-
-
-def make_collate(cfg: ModelConfig, tokenizer_dir):
-    """The trainer's collate function (see ``cheers.collate``)."""
-    from cheers.collate import make_collate as build
-
-    return build(cfg, tokenizer_dir)

@@ -34,7 +34,7 @@ class Task(Protocol):
 
 
 class CheersTask:
-    """The Cheers model (``cheers.model``) and its sequence builder (``cheers.sequence``)."""
+    """The Cheers model (``cheers.model``) and its collate (``cheers.collate``)."""
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         from cheers.model import CheersModel  # heavy; only when a run starts
@@ -42,7 +42,7 @@ class CheersTask:
         return CheersModel(cfg)
 
     def build_collate(self, cfg: RunConfig) -> Callable[[list[RawSample]], Any]:
-        from cheers.sequence import make_collate
+        from cheers.collate import make_collate
 
         return make_collate(cfg.model, cfg.data.tokenizer_dir)
 
