@@ -7,41 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, scaled by a learned weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [N, head_dim] for integer ``positions`` [N] (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [N, Dh/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [N, Dh]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, N, Dh] by the tables [N, Dh] (computed in fp32)."""
-    dtype = x.dtype
-    x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+from cheers.llm import RMSNorm, apply_rope, rope_cos_sin
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -127,7 +93,7 @@ class DiTStage(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], temb [B, 1, D], positions [N] -> [B, N, out_dim]."""
-        rope = rope_tables(positions, self.head_dim, self.rope_theta)
+        rope = rope_cos_sin(positions[None], self.head_dim, self.rope_theta)  # [1, 1, N, Dh] each
         for block in self.blocks:
             x = block(x, temb, rope)
         return self.final(x, temb)
@@ -141,7 +107,7 @@ class DiTStage(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
-                m.reset_parameters()
+                nn.init.ones_(m.weight)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
