@@ -208,6 +208,7 @@ def load_config(path: str | Path, *, tokens: SpecialTokens | None = None) -> tup
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     data = read_json(path / "config.json")
+    data.pop("quantization", None)  # read by quantization_of; the model config is the rest
     if is_official_config(data):
         return config_from_official(data, source=str(path / "config.json"), tokens=tokens), True
     if "model" in data and isinstance(data["model"], dict):  # a training run's resolved config
@@ -223,25 +224,63 @@ def load_config(path: str | Path, *, tokens: SpecialTokens | None = None) -> tup
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
 
 
+QUANT_METHODS = ("lcqat", "rtn", "gptq")
+
+
+def quantization_of(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization`` section of a checkpoint folder's ``config.json`` (None: full precision).
+
+    ``lcqat``: the LLM's linears are packed (``cheers.lcqat.pack``); ``rtn`` / ``gptq``: the
+    weights are stored dense, already on their 2-bit grid (fake-quantized), and load as usual.
+    """
+    cfg_path = Path(path) / "config.json"
+    section = read_json(cfg_path).get("quantization")
+    if section is None:
+        return None
+    if not isinstance(section, dict) or section.get("quant_method") not in QUANT_METHODS:
+        method = section.get("quant_method") if isinstance(section, dict) else section
+        raise CheckpointError(f"{cfg_path}: unknown quantization method {method!r}; this code reads {QUANT_METHODS}")
+    return section
+
+
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu",
                     strict: bool = True, tokens: SpecialTokens | None = None):
-    """``CheersModel`` from our folder or an official one (detected from ``config.json``)."""
+    """``CheersModel`` from our folder or an official one (detected from ``config.json``).
+
+    A folder with an LC-QAT ``quantization`` section gets ``PackedLCQLinear`` layers in its LLM
+    (reference decode on the CPU, the Triton kernels on a GPU).
+    """
     path = Path(path)
     cfg, official = load_config(path, tokens=tokens)
     state = read_state_dict(path)
     if official:
         state = official_to_ours(state, cfg, source=str(path))
     model = _build(cfg, dtype, device)
+    section = quantization_of(path)
+    if section is not None and section["quant_method"] == "lcqat":
+        from cheers.lcqat.pack import install_packed
+
+        install_packed(model, section, state, str(path), device=device)
     load_checked(model, state, source=str(path), strict=strict)
     model.llm.tie_weights()
     return model.eval()
 
 
 def save_pretrained(model, path: str | Path, *, official: bool = False) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (ours, or the official layout)."""
+    """Write ``config.json`` + ``model.safetensors`` (ours, or the official layout).
+
+    LC-QAT layers (trainable or packed) are written packed, with a ``quantization`` section.
+    """
+    from cheers.lcqat.pack import lcq_layers, packed_state_dict, quantization_section
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    quantized = bool(lcq_layers(model))
+    if quantized:
+        if official:
+            raise CheckpointError("the official layout has no packed 2-bit format; save in ours")
+        state = packed_state_dict(model)
     if official:
         write_json(config_to_official(model.cfg), path / "config.json")
         write_state_dict(ours_to_official(state, model.cfg), path)
@@ -249,7 +288,10 @@ def save_pretrained(model, path: str | Path, *, official: bool = False) -> None:
         if model.cfg.llm.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
         write_state_dict(state, path)
-        write_json(to_dict(model.cfg), path / "config.json")
+        config = to_dict(model.cfg)
+        if quantized:
+            config["quantization"] = quantization_section(model)
+        write_json(config, path / "config.json")
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str) -> None:

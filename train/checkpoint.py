@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +264,18 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False) ->
     head, embed = weights.get("llm.lm_head.weight"), weights.get("llm.embed_tokens.weight")
     if head is not None and embed is not None and torch.equal(head, embed):
         del weights["llm.lm_head.weight"]  # tied: the loader ties it again
+    config = dict(run["model"])
+    lcqat = run.get("lcqat", {})
+    if lcqat.get("enabled"):  # a QAT run: LCQLinear parameters -> the packed 2-bit format
+        from cheers.lcqat.pack import pack_lcq_state, section_for
+
+        hadamard = lcqat.get("layer", {}).get("hadamard", "full")
+        weights, names = pack_lcq_state(weights, hadamard)
+        config["quantization"] = section_for(names, hadamard)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_state_dict(weights, out, max_shard_bytes=5 * 2**30)
-    write_json(run["model"], out / "config.json")
+    write_json(config, out / "config.json")
     log.info("exported %s (%d tensors%s) to %s", checkpoint, len(weights), ", EMA" if ema else "", out)
     return out
 
@@ -286,8 +295,13 @@ def load_exported(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return to_dict(cfg), weights
 
 
-def init_from_export(model: nn.Module, folder: str | Path, run_cfg: RunConfig, env: DistEnv) -> None:
-    """Load a checkpoint folder into a (possibly sharded) model; rank 0 reads, all receive."""
+def init_from_export(model: nn.Module, folder: str | Path, run_cfg: RunConfig, env: DistEnv,
+                     convert: Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]] | None = None
+                     ) -> None:
+    """Load a checkpoint folder into a (possibly sharded) model; rank 0 reads, all receive.
+
+    ``convert(weights, folder)`` rewrites the folder's tensors first (LC-QAT: packed or dense
+    layers -> ``LCQLinear`` parameters)."""
     own = get_model_state_dict(model)  # sharded tensors with their global shapes
     # tied tensors are stored once: fill the other names from the stored one
     aliases: dict[int, list[str]] = {}
@@ -298,6 +312,8 @@ def init_from_export(model: nn.Module, folder: str | Path, run_cfg: RunConfig, e
     if env.is_main:
         try:
             cfg_dict, weights = load_exported(folder)
+            if convert is not None:
+                weights = convert(weights, Path(folder))
         except CheckpointError as e:
             error = f"train.init_from: {e}"
         else:

@@ -29,6 +29,7 @@ from cheers.config import (
     to_dict,
 )
 from cheers.errors import ConfigError
+from cheers.lcqat.lcq_linear import LCQConfig
 
 TASKS = ("t2i", "i2t", "text")
 
@@ -201,14 +202,49 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class LCQATConfig:
+    """Quantization-aware training of the LLM's linears with LC-QAT (``cheers.lcqat``).
+
+    With ``enabled`` the LLM's ``nn.Linear`` layers (``layer.include`` / ``layer.exclude``
+    globs on names under ``llm``; embeddings and ``lm_head`` stay) become ``LCQLinear`` before
+    activation checkpointing, compile and FSDP. They start from ``init``, a packed folder
+    written by ``cheers quantize --method lcqat`` (the whole model: PTQ'd layers and every other
+    tensor), or without it from ``train.init_from``'s dense weights rounded data-free. What
+    trains is ``train.trainable`` as usual (e.g. ``["llm.layers"]``: theta, A, b, SU, SV, norms).
+    Loss: the model's own (next-token CE + flow) plus ``distill_weight`` x KL(teacher ||
+    student) over the text targets at ``temperature``; the teacher is the full-precision
+    ``teacher`` folder (default: ``train.init_from``). ``cheers export`` writes the packed form.
+    """
+
+    enabled: bool = False
+    init: str | None = None
+    teacher: str | None = None
+    distill_weight: float = 0.0
+    temperature: float = 1.0
+    layer: LCQConfig = field(default_factory=LCQConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill_weight < 0:
+            raise ConfigError(f"lcqat.distill_weight must be >= 0, got {self.distill_weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"lcqat.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
-    """Everything one run needs: model, training and data configs."""
+    """Everything one run needs: model, training and data configs (and optional LC-QAT)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lcqat: LCQATConfig = field(default_factory=LCQATConfig)
 
     def __post_init__(self) -> None:
+        lc = self.lcqat
+        if lc.enabled and lc.distill_weight > 0 and (lc.teacher or self.train.init_from) is None:
+            raise ConfigError("lcqat.distill_weight > 0 needs a teacher: set lcqat.teacher or train.init_from")
+        if lc.init is not None and not lc.enabled:
+            raise ConfigError("lcqat.init is set but lcqat.enabled is false")
         size = self.data.image_size
         if size is not None and size != self.model.tokenizer.image_size:
             raise ConfigError(
@@ -224,21 +260,22 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (what ``config.json`` holds)."""
         return {"model": to_dict(self.model), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data)}
+                "data": dataclasses.asdict(self.data), "lcqat": dataclasses.asdict(self.lcqat)}
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Strictly build a RunConfig from ``{"model": ..., "train": ..., "data": ...}``."""
-    unknown = sorted(set(data) - {"model", "train", "data"})
+    """Strictly build a RunConfig from ``{"model": ..., "train": ..., "data": ..., "lcqat": ...}``."""
+    unknown = sorted(set(data) - {"model", "train", "data", "lcqat"})
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]} (valid top-level keys: data, model, train)")
-    for section in ("model", "train", "data"):
+        raise ConfigError(f"unknown config key {unknown[0]} (valid top-level keys: data, lcqat, model, train)")
+    for section in ("model", "train", "data", "lcqat"):
         if not isinstance(data.get(section, {}), dict):
             raise ConfigError(f"{section}: expected a mapping, got {data[section]!r}")
     model = model_config_from_dict(data.get("model", {}))
     train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
     data_cfg = from_dict(DataConfig, data.get("data", {}), prefix="data.")
-    return RunConfig(model=model, train=train, data=data_cfg)
+    lcqat = from_dict(LCQATConfig, data.get("lcqat", {}), prefix="lcqat.")
+    return RunConfig(model=model, train=train, data=data_cfg, lcqat=lcqat)
 
 
 # YAML 1.1 reads "1e-4" (no dot) as a string; on a command line it is meant as a number

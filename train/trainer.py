@@ -17,6 +17,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from .data import SKIP_REASONS, SampleLoader
 from .ema import EMA
 from .optim import build_optimizer, frozen_modules, lr_at, select_trainable, set_lr
 from .parallelize import DistEnv, autocast, init_distributed, parallelize, shutdown_distributed
+from .qat import build_distiller, student_state, swap_llm_linears
 from .task import Task, load_task
 
 log = logging.getLogger("cheers.train")
@@ -143,6 +145,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
         self.collate = task.build_collate(cfg)
+        self.distiller = build_distiller(cfg, env)
         self.step, self.tokens_seen = 0, 0
         # per-rank stream of randomness (noise, t, CFG drop), distinct across ranks
         _seed_all(tc.seed * 1_000_003 + 17 * (env.rank + 1))
@@ -171,11 +174,12 @@ class Trainer:
         return resolve_checkpoint(resume)
 
     def _build_model(self, task: Task) -> tuple[nn.Module, list[str]]:
-        tc, env = self.cfg.train, self.env
+        tc, env, lc = self.cfg.train, self.env, self.cfg.lcqat
         # the same seed on every rank: a CPU-built model is identical everywhere before
         # sharding, so runs on 1 and N ranks start from the same weights
         _seed_all(tc.seed)
-        meta_init = tc.init_from is not None
+        source = lc.init if lc.enabled and lc.init is not None else tc.init_from
+        meta_init = source is not None
         if meta_init:
             # weights come from a file: skip the random init, allocate only the shards
             with torch.device("meta"):
@@ -184,6 +188,13 @@ class Trainer:
             model = task.build_model(self.cfg.model)
             if hasattr(model, "init_weights"):
                 model.init_weights()
+        convert = None
+        if lc.enabled:  # a module swap, before checkpointing, compile and FSDP wrap the model
+            lcq_names = swap_llm_linears(model, lc, empty=meta_init)
+            convert = partial(student_state, names=lcq_names, lc=lc)
+            if env.is_main:
+                log.info("lcqat: %d LLM linears are LCQLinear (start: %s)", len(lcq_names),
+                         source or "random weights, rounded")
         trainable = select_trainable(model, tc.trainable)
         self.n_params, self.n_flop_params = _count_params(model)
         if not meta_init:
@@ -197,7 +208,7 @@ class Trainer:
                 raise ConfigError("train.init_from needs model.init_weights() for buffers")
             with torch.no_grad():
                 model.init_weights()
-            init_from_export(model, tc.init_from, self.cfg, env)
+            init_from_export(model, source, self.cfg, env, convert=convert)
         if env.is_main:
             log.info("model: %.2fM parameters, %.2fM trainable in %d tensors",
                      self.n_params / 1e6, sum(p.numel() for p in model.parameters()
@@ -317,7 +328,7 @@ class Trainer:
             batch = self.collate(self.loader.next_batch(tc.micro_batch)).to(env.device)
             tokens += int(batch.num_tokens)
             with autocast(env, tc.dtype, tc.fsdp):
-                out = self.model(batch)
+                out = self.model(batch) if self.distiller is None else self.distiller(self.model, batch)
             # each micro-batch weighs 1 / (accum * world): FSDP averages over ranks
             (out["loss"] / self.accum).backward()
             for name, value in out.items():
