@@ -330,6 +330,9 @@ def init_from_export(model: nn.Module, folder: str | Path, run_cfg: RunConfig, e
                 diff = _config_diff(cfg_dict, to_dict(run_cfg.model))
                 error = (f"train.init_from={folder} does not fit the model: {'; '.join(bad[:3])}. "
                          f"Config differences: {'; '.join(diff[:5]) or 'none'}")
+                if convert is None and any(k.endswith(".codes") for k in weights):
+                    error += (". It is a packed LC-QAT checkpoint: train it with lcqat.enabled=true "
+                              f"lcqat.init={folder}")
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:  # every rank must raise, or the others wait in the broadcast forever
         box = [error]
