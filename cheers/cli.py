@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     for name, module in (("demo", "cheers.demo:main"), ("debug-checkpoint", "cheers.debug_checkpoint:main"),
+                         ("eval", "cheers.eval.cli:main"),
                          ("quantize", "cheers.quantize:main"),
                          ("train", "cheers.train.__main__:main"),
                          ("export", "cheers.train.__main__:export_main")):

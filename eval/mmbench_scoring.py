@@ -8,7 +8,8 @@ e8e78f05f3080fe28154f2130321f17951c3be94 (2026-08-18):
   default) unless ``verbose=True`` is passed;
 - ``vlmeval/dataset/utils/multiple_choice.py``: ``build_choices``, the circular group
   logic of ``prefetch_circular_group`` / ``mcq_circular_eval`` under the exact-matching
-  policy (no LLM judge: an answer the rules cannot read counts as wrong), and
+  policy (an answer the rules cannot read counts as wrong unless an optional judge,
+  ``cheers.eval.judge``, reads it), and
   ``report_acc`` with ``MMB_abbrs``.
 
 Rows are dicts with MMBench's TSV columns (``index question hint A B C D answer category
@@ -23,8 +24,7 @@ import math
 import os
 import re
 import string
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from cheers.errors import InputError
 
@@ -129,21 +129,33 @@ def _prediction(row: Mapping, predictions: Mapping | None) -> str:
     return "" if _missing(pred) else str(pred)
 
 
+# (row, prediction) -> letter, 'Z' or False: an LLM judge asked when the rules read nothing
+Judge = Callable[[Mapping, str], "str | bool"]
+
+
+def extract_choice(row: Mapping, pred: str, verbose: bool = False, judge: Judge | None = None):
+    """The rule-based matcher, then ``judge`` (when given) if the rules read nothing."""
+    opt = can_infer(pred, build_choices(row), verbose=verbose)
+    if opt is False and judge is not None:
+        opt = judge(row, pred)
+    return opt
+
+
 def score_vanilla(rows: Sequence[Mapping], predictions: Mapping | None = None,
-                  verbose: bool = False) -> list[dict]:
+                  verbose: bool = False, judge: Judge | None = None) -> list[dict]:
     """Each row on its own: a copy of every row with ``prediction``, ``extracted`` (letter,
     'Z' or False) and ``hit`` (0/1)."""
     out = []
     for row in rows:
         pred = _prediction(row, predictions)
-        opt = can_infer(pred, build_choices(row), verbose=verbose)
+        opt = extract_choice(row, pred, verbose, judge)
         out.append({**row, "prediction": pred, "extracted": opt,
                     "hit": int(bool(opt) and opt == row["answer"])})
     return out
 
 
 def score_circular(rows: Sequence[Mapping], predictions: Mapping | None = None,
-                   verbose: bool = False) -> list[dict]:
+                   verbose: bool = False, judge: Judge | None = None) -> list[dict]:
     """CircularEval: rows grouped by ``index % 1_000_000``; a group is right only if the
     answer of every rotation is read and right.
 
@@ -165,7 +177,7 @@ def score_circular(rows: Sequence[Mapping], predictions: Mapping | None = None,
         hit, log = 1, []
         for k, row in enumerate(members):
             pred = _prediction(row, predictions)
-            opt = can_infer(pred, build_choices(row), verbose=verbose)
+            opt = extract_choice(row, pred, verbose, judge)
             if opt != row["answer"]:
                 hit = 0
                 log.append(f"Failed in Rolling {k}: Answer is {row['answer']}, "
@@ -220,29 +232,27 @@ def acc_summary(results: Sequence[Mapping], split: str | None = None) -> dict[st
 
 
 def evaluate_mmbench(rows: Sequence[Mapping], predictions: Mapping | None = None,
-                     circular: bool = True, verbose: bool = False) -> dict:
+                     circular: bool = True, verbose: bool = False,
+                     judge: Judge | None = None) -> dict:
     """Score a benchmark: ``{"acc": acc_summary of the first split .. (see acc_summary),
     "acc_by_split": {split: acc}, "csv": report_acc rows, "results": scored rows}``."""
-    scored = (score_circular if circular else score_vanilla)(rows, predictions, verbose)
+    scored = (score_circular if circular else score_vanilla)(rows, predictions, verbose, judge)
     table = report_acc(scored)
     by_split = {t["split"]: {k: v for k, v in t.items() if k != "split"} for t in table}
     return {"acc": by_split[table[0]["split"]], "acc_by_split": by_split, "csv": table,
             "results": scored}
 
 
-def read_tsv(path: str) -> list[dict]:
-    """An MMBench TSV as row dicts (``index`` as int; empty cells as '')."""
-    csv.field_size_limit(sys.maxsize)  # base64 images exceed the default 128 KiB
-    try:
-        with open(path, newline="") as fp:
-            rows = list(csv.DictReader(fp, delimiter="\t"))
-    except OSError as e:
-        raise InputError(f"cannot read MMBench TSV {path}: {e}") from e
+def read_tsv(path: str, required: Sequence[str] = ("index", "question", "answer")) -> list[dict]:
+    """An MMBench TSV (or XLSX) as row dicts (``index`` as int; empty cells as '')."""
+    from cheers.eval.tables import read_table, row_name
+
+    rows = read_table(path, required, "MMBench table")
     for i, row in enumerate(rows):
-        for key in ("index", "question", "answer"):
-            if key not in row:
-                raise InputError(f"{path}: row {i} lacks column {key!r}")
-        row["index"] = int(row["index"])
+        try:
+            row["index"] = int(float(row["index"]))
+        except (KeyError, ValueError) as e:
+            raise InputError(f"{path}: {row_name(i, row)}: 'index' must be an integer") from e
     return rows
 
 
@@ -261,7 +271,7 @@ def write_acc_csv(table: Sequence[Mapping], path: str) -> None:
 
 
 __all__ = [
-    "CIRCULAR_OFFSET", "MMB_ABBRS", "acc_summary", "build_choices", "can_infer",
+    "CIRCULAR_OFFSET", "MMB_ABBRS", "acc_summary", "build_choices", "can_infer", "extract_choice",
     "can_infer_option", "can_infer_text", "evaluate_mmbench", "read_tsv", "report_acc",
     "score_circular", "score_vanilla", "write_acc_csv",
 ]
