@@ -11,9 +11,7 @@ with the shapes evaluator (GenEval rules, CircularEval), and writes a report fol
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import shutil
 import time
@@ -133,66 +131,37 @@ def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: floa
 
 
 def evaluate_geneval(pipe, out: Path, n_per_tag: int, seed: int, steps: int, cfg_scale: float, log) -> dict:
-    """GenEval protocol on held-out shapes prompts: official folder layout, 4 images a prompt."""
-    from cheers.eval.geneval_rules import evaluate_image, summarize, write_results
-    from cheers.eval.shapes_detector import detect
+    """GenEval protocol on held-out shapes prompts through ``cheers.eval.geneval``: official
+    folder layout, 4 images a prompt, the analytic detector in place of Mask2Former + CLIP."""
+    from cheers.eval import geneval
     from cheers.shapes.dataset import write_geneval_metadata
 
     folder = out / "geneval"
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun scores the new checkpoint, not old samples
     meta = write_geneval_metadata(str(out / "geneval_metadata.jsonl"), n_per_tag, seed=seed)
-    prompts = [m["prompt"] for m in meta for _ in range(4)]
-    bar = tqdm(total=len(prompts) * steps, desc="geneval", unit="step")
-    images = pipe.generate(prompts, seed=seed * 100_000, steps=steps, cfg_scale=cfg_scale, batch_size=32,
-                           callback=lambda _n: bar.update(min(32, len(prompts))))
-    bar.close()
-    records, per_prompt = [], []
-    for i, m in enumerate(meta):
-        sample_dir = folder / f"{i:05d}" / "samples"
-        sample_dir.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(m) + "\n")
-        mine = images[4 * i:4 * i + 4]
-        for k, img in enumerate(mine):
-            path = sample_dir / f"{k:04d}.png"
-            img.save(path)
-            records.append(evaluate_image(detect(img), m, filename=str(path)))
-        per_prompt.append((m, mine))
-    write_results(records, str(folder / "results.jsonl"))
-    scores = summarize(records)
+    geneval.generate(pipe, meta, folder, n=4, seed=seed * 100_000, batch_size=32, steps=steps,
+                     cfg_scale=cfg_scale)
+    detector, colours = geneval.shapes_scorer()
+    records = geneval.score(folder, folder / "results.jsonl", detector, colours)
+    scores = geneval.write_summary(records, folder)
+    per_prompt = [(m, [Image.open(folder / f"{i:05d}" / "samples" / f"{k:04d}.png").convert("RGB")
+                       for k in range(4)]) for i, m in enumerate(meta)]
     log("geneval: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     return {"scores": scores, "samples": per_prompt, "records": records}
 
 
 def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
-    """MMBench-style questions with CircularEval, answered by greedy decoding in batches."""
-    from cheers.eval.mmbench_scoring import evaluate_mmbench as score
-    from cheers.pipeline import load_image
+    """MMBench-style questions with CircularEval through ``cheers.eval.mmbench``, answered by
+    greedy decoding in batches; acc.csv / acc.json in ``out/mmbench``."""
+    from cheers.eval import mmbench
+    from cheers.eval.answering import answer_rows
     from cheers.shapes.dataset import mmbench_rows
-    from cheers.shapes.world import format_mmbench_prompt
 
     rows = mmbench_rows(n, seed=seed, circular=True)
-    eng, tok, size = pipe.engine, pipe.tokenizer, pipe.image_size
-    stop = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
-    preds = {}
-    batch = 32
-    for start in tqdm(range(0, len(rows), batch), desc="mmbench", unit="batch"):
-        chunk = rows[start:start + batch]
-        ids, imgs = [], []
-        for r in chunk:
-            prompt = format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
-            ids.append(tok.i2t_prompt(prompt, 1))
-            img = Image.open(io.BytesIO(base64.b64decode(r["image"])))
-            imgs.append([load_image(img, size)])
-        steps = list(eng.decode_text(ids, imgs, max_new_tokens=6, stop_ids=stop))
-        for j, r in enumerate(chunk):
-            toks = []
-            for s in steps:
-                t = int(s[j])
-                if t in stop:
-                    break
-                toks.append(t)
-            preds[r["index"]] = tok.decode(toks).strip()
-    result = score(rows, {i: p for i, p in preds.items()}, circular=True)
-    acc = result["acc"]
+    answers = answer_rows(pipe, rows, lambda r: mmbench.build_prompt(r, "llava"), source="shapes MMBench",
+                          batch_size=32, max_new_tokens=6)
+    preds = {r["index"]: a for r, a in zip(rows, answers)}
+    acc = mmbench.score([{**r, "prediction": a} for r, a in zip(rows, answers)], out / "mmbench")
     (out / "mmbench_predictions.json").write_text(json.dumps({str(k): v for k, v in preds.items()}, indent=1))
     log("mmbench (circular): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return {"acc": acc}
