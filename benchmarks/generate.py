@@ -291,14 +291,16 @@ def bench_t2i(model: CheersModel, args, device: torch.device, dtype: torch.dtype
         dummies = [torch.randint(0, 256, (3, s, s), generator=gen).float() / 255 for _ in rows]
     c, g = cfg.tokenizer.vae.latent_channels, cfg.latent_grid
     noise = torch.randn(args.batch, c, g, g, generator=gen).to(device, dtype)
-    engine = Engine(model)
+    engine = Engine(model)  # on a GPU: fixed-shape steps replayed as CUDA graphs
     naive = NaiveT2I(model, rows, nulls, dummies, device, dtype)
 
-    def ours(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ours(steps: int, eng: Engine = engine) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            lat = engine.sample_images(rows, nulls, noise=noise, steps=steps, cfg_scale=args.cfg,
-                                       shift=args.shift, prefix_images=dummies)
+            lat = eng.sample_images(rows, nulls, noise=noise, steps=steps, cfg_scale=args.cfg,
+                                    shift=args.shift, prefix_images=dummies)
             return lat, model.tokenizer.decode(lat)
+
+    eager = Engine(model, static=False) if engine.static else None
 
     def baseline(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -308,15 +310,25 @@ def bench_t2i(model: CheersModel, args, device: torch.device, dtype: torch.dtype
     ours(args.warmup_steps)
     baseline(args.warmup_steps)
     runs: dict[str, list[float]] = {"ours": [], "naive": []}
+    if eager is not None:  # the same engine without CUDA graphs, to show what they bring
+        ours(args.warmup_steps, eager)
+        runs["ours_eager"] = []
     for _ in range(args.repeats):  # interleaved; the median of each is reported
         wall: dict[str, float] = {}
         with stopwatch(device, wall, "ours"):
             lat_ours, _ = ours(args.steps)
         with stopwatch(device, wall, "naive"):
             lat_naive, _ = baseline(args.steps)
+        if eager is not None:
+            with stopwatch(device, wall, "ours_eager"):
+                lat_eager, _ = ours(args.steps, eager)
         for k in runs:
             runs[k].append(wall[k])
     wall = {k: statistics.median(v) for k, v in runs.items()}
+    extra = {}
+    if eager is not None:
+        extra = {"ours_eager_s": wall["ours_eager"], "graphs_speedup": wall["ours_eager"] / wall["ours"],
+                 "graphs_vs_eager_latent_max_abs_diff": float((lat_ours.float() - lat_eager.float()).abs().max())}
 
     # one sampling step, split into parts (median over repetitions)
     xt = noise.clone()
@@ -345,7 +357,7 @@ def bench_t2i(model: CheersModel, args, device: torch.device, dtype: torch.dtype
         "latent_moved_max_abs": float((lat_naive.float() - noise.float()).abs().max()),  # not a no-op
         "step_velocity_max_abs_diff": float((v_parts.float() - v_naive.float()).abs().max()),
         "step_parts_check": float((v_parts.float() - v_ref.float()).abs().max()),
-        "step_ms_ours": parts_ours, "step_ms_naive": parts_naive,
+        "step_ms_ours": parts_ours, "step_ms_naive": parts_naive, **extra,
     }
 
 
@@ -370,14 +382,15 @@ def bench_decode(model: CheersModel, args, device: torch.device, dtype: torch.dt
            cfg.tokens.im_end] + text_ids(cfg, args.decode_prompt_len - half, gen))
     s = cfg.tokenizer.image_size
     image = torch.rand(3, s, s, generator=gen)
-    engine = Engine(model)
+    engine = Engine(model, compile=args.compile_decode)  # on a GPU: fixed-shape steps as CUDA graphs
+    eager = Engine(model, static=False) if engine.static else None
     stop = {-1}  # never emitted: every run decodes exactly max_new_tokens
 
-    def ours(n: int, times: dict | None = None) -> list[int]:
+    def ours(n: int, times: dict | None = None, eng: Engine = engine) -> list[int]:
         out = []
         sync(device)
         t0 = time.perf_counter()
-        for tok in engine.decode_text([ids], [[image]], max_new_tokens=n, stop_ids=stop):
+        for tok in eng.decode_text([ids], [[image]], max_new_tokens=n, stop_ids=stop):
             out.append(int(tok[0]))  # synchronises, as streaming to a terminal does
             if times is not None and len(out) == 1:
                 times["first"] = time.perf_counter() - t0
@@ -407,15 +420,22 @@ def bench_decode(model: CheersModel, args, device: torch.device, dtype: torch.dt
             times["total"] = time.perf_counter() - t0
         return out
 
-    ours(args.warmup_tokens)
+    ours(args.new_tokens if args.compile_decode else args.warmup_tokens)  # compiles for this length
     naive(args.warmup_tokens)
     runs: dict[str, list[dict]] = {"ours": [], "naive": []}
+    if eager is not None:
+        ours(args.warmup_tokens, eng=eager)
+        runs["eager"] = []
     for _ in range(args.repeats):  # interleaved; the run of median total time is reported
         runs["ours"].append({})
         got = ours(args.new_tokens, runs["ours"][-1])
         runs["naive"].append({})
         ref = naive(args.new_tokens, runs["naive"][-1])
-    t_ours, t_naive = (sorted(v, key=lambda t: t["total"])[len(v) // 2] for v in runs.values())
+        if eager is not None:
+            runs["eager"].append({})
+            got_eager = ours(args.new_tokens, runs["eager"][-1], eager)
+    med = {k: sorted(v, key=lambda t: t["total"])[len(v) // 2] for k, v in runs.items()}
+    t_ours, t_naive = med["ours"], med["naive"]
     n = args.new_tokens
 
     def rate(t: dict) -> float:  # tokens after the first (which includes the prompt pass)
@@ -431,6 +451,9 @@ def bench_decode(model: CheersModel, args, device: torch.device, dtype: torch.dt
         "ours_decode_tokens_per_s": rate(t_ours), "naive_decode_tokens_per_s": rate(t_naive),
         "speedup": t_naive["total"] / t_ours["total"],
         "tokens_identical": got == ref, "tokens_agree_prefix": agree,
+        **({"eager_s": med["eager"]["total"], "eager_decode_tokens_per_s": rate(med["eager"]),
+            "graphs_speedup": med["eager"]["total"] / t_ours["total"],
+            "graphs_tokens_identical_to_eager": got == got_eager} if eager is not None else {}),
     }
 
 
@@ -466,6 +489,7 @@ def parse_args(argv=None):
     run.add_argument("--warmup-tokens", type=int, default=4)
     run.add_argument("--part-reps", type=int, default=None, help="repetitions of the per-part step timing")
     run.add_argument("--skip", choices=["t2i", "decode"], action="append", default=[])
+    run.add_argument("--compile-decode", action="store_true", help="torch.compile the decoding step")
     run.add_argument("--repeats", type=int, default=None, help="timed runs of each path (default 3 cpu, 2 cuda)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default 1 on cpu: steadier on a shared machine)")
@@ -520,18 +544,25 @@ def main(argv=None) -> dict:
         print(f"  naive: {r['naive_s']:.3f} s = {r['naive_images_per_s']:.3f} images/s")
         print(f"  speed-up {r['speedup']:.2f}x; latents max abs diff {r['latent_max_abs_diff']:.2e} "
               f"(max |latent| {r['latent_max_abs']:.2f}, moved {r['latent_moved_max_abs']:.2f} from the noise); one-step velocity diff {r['step_velocity_max_abs_diff']:.2e}")
+        if "ours_eager_s" in r:
+            print(f"  ours without CUDA graphs: {r['ours_eager_s']:.3f} s (graphs {r['graphs_speedup']:.2f}x; "
+                  f"latents max abs diff {r['graphs_vs_eager_latent_max_abs_diff']:.2e})")
         print("  one step, ms (ours | naive):")
         for part in ["pixel_decoder", "siglip", "llm", "head", "total"]:
             print(f"    {part:14s} {r['step_ms_ours'][part]:9.2f} | {r['step_ms_naive'][part]:9.2f}")
     if "decode" not in args.skip:
         r = result["decode"] = bench_decode(model, args, device, dtype)
-        print(f"\ndecoding: batch 1, prompt {r['prompt_tokens']} tokens (one image), {r['new_tokens']} new tokens, greedy")
+        print(f"\ndecoding: batch 1, prompt {r['prompt_tokens']} tokens (one image), {r['new_tokens']} new tokens, greedy"
+              + (", decoding step compiled" if args.compile_decode else ""))
         print(f"  ours : {r['ours_tokens_per_s']:.1f} tokens/s end to end, {r['ours_decode_tokens_per_s']:.1f} "
               f"after the first token ({r['ours_first_token_s'] * 1e3:.1f} ms)")
         print(f"  naive: {r['naive_tokens_per_s']:.1f} tokens/s end to end, {r['naive_decode_tokens_per_s']:.1f} "
               f"after the first token ({r['naive_first_token_s'] * 1e3:.1f} ms)")
         print(f"  speed-up {r['speedup']:.2f}x; tokens identical: {r['tokens_identical']} "
               f"(agree on the first {r['tokens_agree_prefix']})")
+        if "eager_s" in r:
+            print(f"  ours without CUDA graphs: {r['eager_decode_tokens_per_s']:.1f} tokens/s after the first "
+                  f"(graphs {r['graphs_speedup']:.2f}x end to end; same tokens: {r['graphs_tokens_identical_to_eager']})")
     if device.type == "cuda":
         result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         print(f"\npeak memory {result['max_memory_gb']:.1f} GB")

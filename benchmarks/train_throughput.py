@@ -11,9 +11,10 @@
   AdamW: the reference (DESIGN section 8: 40.7k tokens/s, 40% MFU on an H200);
 - ``trainer``: the same network wrapped by ``cheers.train.parallelize`` (FSDP2 with bf16
   parameters and fp32 reductions, ``--compile``), our AdamW groups: what a run gets;
-- ``ours`` (``--ours module:factory``): our LLM through the same wrapping. The factory
-  takes an ``LLMConfig`` and returns a module whose ``forward(input_ids, labels)`` gives
-  the mean next-token loss.
+- ``ours``: our LLM (``cheers.llm``) with the chunked fused CE (``cheers.losses``) through
+  the same wrapping (``ours+compile`` with ``--compile``); ``--ours module:factory`` swaps in
+  another network: a factory of ``LLMConfig`` returning a module whose
+  ``forward(input_ids, labels)`` gives the mean next-token loss.
 
 MFU = 6 N tokens/s / peak, N counting every matmul weight (a tied lm_head included).
 Absolute numbers only mean something on a GPU; name the card when quoting them.
@@ -89,6 +90,26 @@ class _HFLoss(nn.Module):
         return self.lm(input_ids=input_ids, labels=labels, use_cache=False).loss
 
 
+class _OursLoss(nn.Module):
+    """Our LLM (``cheers.llm``) with the chunked fused CE (``cheers.losses``), as the model trains it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from cheers.llm import LLM
+
+        self.llm = LLM(cfg)
+        self.llm.init_weights()
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.llm.layers)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from cheers.losses import linear_cross_entropy
+
+        hidden = self.llm.hidden_states(input_ids)[:, :-1]  # predicts labels[:, 1:]
+        return linear_cross_entropy(hidden.flatten(0, 1), self.llm.lm_head.weight, labels[:, 1:].flatten())
+
+
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, amp, *inputs) -> None:
     """Forward, backward, clip, AdamW: one optimiser step as the trainer takes it."""
     with amp:
@@ -132,6 +153,13 @@ def bench_llm(args) -> list[dict]:
     if args.ours:
         mod, _, attr = args.ours.partition(":")
         variants.append(("ours", getattr(importlib.import_module(mod), attr), args.compile))
+    else:
+        variants.append(("ours", _OursLoss, False))
+        if args.compile:
+            variants.append(("ours+compile", _OursLoss, True))
+    if args.variants:
+        keep = set(args.variants.split(","))
+        variants = [v for v in variants if v[0] == "transformers" or v[0] in keep]
     rows = []
     for name, factory, compile in variants:
         torch.manual_seed(0)
@@ -155,6 +183,7 @@ def bench_llm(args) -> list[dict]:
                      "tokens_per_s": tps, "mfu": 6 * n_flop * tps / peak if peak else None,
                      "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
                      "compile": compile})
+        print(f"  {name}: {sec:.4f} s/step, {tps:.0f} tokens/s", flush=True)
         del model, opt, step
         gc.collect()
         if gpu:
@@ -277,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
     parser.add_argument("--ours", help="module:factory of our LLM (LLMConfig -> module)")
+    parser.add_argument("--variants", help="llm: comma-separated variants to run besides transformers "
+                        "(trainer, trainer+compile, ours, ours+compile; default all)")
     parser.add_argument("--tokenizer-dir", default="")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)

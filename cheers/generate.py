@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cheers.attention import build_dense_mask
+from cheers.cuda_graphs import StaticDecoder, StaticVelocity
 from cheers.errors import InputError
 from cheers.flow_head import transport
 from cheers.llm import KVCache
@@ -47,11 +48,22 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Engine:
-    """Runs a ``CheersModel`` for inference. All methods are ``torch.no_grad``."""
+    """Runs a ``CheersModel`` for inference. All methods are ``torch.no_grad``.
 
-    def __init__(self, model):
+    ``static=True`` runs both loops as fixed-shape steps (``cheers.cuda_graphs``), replayed
+    as CUDA graphs on a GPU; the default is on for CUDA models, off elsewhere (on a CPU the
+    dynamic steps are cheaper). ``compile=True`` also compiles the decoding step.
+    """
+
+    def __init__(self, model, static: bool | None = None, compile: bool = False):
         self.model = model
         self.cfg = model.cfg
+        self._static = static
+        self.compile = compile
+
+    @property
+    def static(self) -> bool:
+        return self.device.type == "cuda" if self._static is None else self._static
 
     @property
     def device(self) -> torch.device:
@@ -114,9 +126,11 @@ class Engine:
     # ------------------------------------------------------------------ images
 
     @torch.no_grad()
-    def image_velocity(self, prefix: PrefixState, xt: torch.Tensor, t: float, cfg_scale: float) -> torch.Tensor:
+    def image_velocity(self, prefix: PrefixState, xt: torch.Tensor, t: float | torch.Tensor,
+                       cfg_scale: float) -> torch.Tensor:
         """CFG velocity [B, C, G, G] at (xt, t) for a prefix holding B conditional rows followed
-        by B null-prompt rows (or just B rows when ``cfg_scale == 1``)."""
+        by B null-prompt rows (or just B rows when ``cfg_scale == 1``). ``t``: a float or a
+        0-dim tensor (what a captured graph reads)."""
         model, n = self.model, self.cfg.tokens_per_image
         rows = prefix.doc_ids.shape[0]
         b = xt.shape[0]
@@ -131,7 +145,7 @@ class Engine:
         hidden = model.llm.hidden_states(inputs_embeds=tokens, position_ids=pos,
                                          mask=build_dense_mask(doc, block, q_len=n), cache=prefix.cache)
         prefix.cache.crop(p)  # drop the image block: the next step recomputes it
-        tt = torch.full((rows,), t, device=xt.device)
+        tt = t.expand(rows) if torch.is_tensor(t) else torch.full((rows,), t, device=xt.device)
         v = model.velocity(hidden, tt, xt.repeat(reps, 1, 1, 1), patch_embeds)
         if reps == 1:
             return v
@@ -161,8 +175,11 @@ class Engine:
             x_src, t0 = start
             x = transport.interpolate(x_src.to(x), x, torch.full((x.shape[0],), t0, device=x.device))
 
-        def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
+        def velocity(x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
             return self.image_velocity(prefix, x_t, t, cfg_scale)
+
+        if self.static:  # every step has the same shapes: one graph for the whole velocity
+            velocity = StaticVelocity(velocity, x)
 
         return transport.sample_ode(velocity, x, steps=steps, shift=shift, sampler=sampler, t_start=t0,
                                     official_last_step=self.cfg.transport.official_last_step,
@@ -186,6 +203,9 @@ class Engine:
         llm = self.model.llm
         logits = llm.logits(prefix.last_hidden)  # [R, V]
         doc, pos = prefix.doc_ids, prefix.next_pos.clone()
+        static = None
+        if self.static:
+            static = StaticDecoder(llm, prefix.cache, doc, pos, max_new_tokens, compile=self.compile)
         done = torch.zeros(len(rows), dtype=torch.bool, device=doc.device)
         stop = torch.tensor(sorted(stop_ids), device=doc.device, dtype=torch.long)
         for _ in range(max_new_tokens):
@@ -195,6 +215,9 @@ class Engine:
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 return
+            if static is not None:
+                logits = static.step(nxt)
+                continue
             doc = torch.cat([doc, torch.zeros_like(doc[:, :1])], 1)
             hidden = llm.hidden_states(nxt[:, None], position_ids=pos[:, None],
                                        mask=build_dense_mask(doc, None, q_len=1), cache=prefix.cache)

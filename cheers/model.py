@@ -8,7 +8,6 @@ sampling in ``cheers/generate.py``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -18,6 +17,7 @@ from cheers.errors import InputError
 from cheers.flow_head import transport
 from cheers.flow_head.model import CascadedFlowHead
 from cheers.llm import LLM
+from cheers.losses import linear_cross_entropy
 from cheers.sequence import IGNORE, Batch
 from cheers.tokenizer.vision import VisionTokenizer
 
@@ -121,8 +121,8 @@ class CheersModel(nn.Module):
 
         has_target = batch.targets != IGNORE
         if has_target.any():
-            logits = self.llm.logits(hidden[has_target])  # only where a target exists
-            ce = F.cross_entropy(logits.float(), batch.targets[has_target])
+            # only where a target exists; chunked so the [N, V] logits never exist at once
+            ce = linear_cross_entropy(hidden[has_target], self.llm.lm_head.weight, batch.targets[has_target])
         else:
             ce = hidden.sum() * 0.0
 

@@ -30,7 +30,7 @@ class TimeEmbedding(nn.Module):
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
         """t [B] -> [B, freq_dim] in fp32."""
-        freqs = timestep_frequencies(self.freq_dim).to(t.device)
+        freqs = timestep_frequencies(self.freq_dim, device=t.device)  # made on the device: graph-safe
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

@@ -111,7 +111,7 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
     return x
 
 
-def timestep_frequencies(dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_frequencies(dim: int, max_period: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
     """Frequencies of the sinusoidal time embedding: ``exp(-ln(max_period) i / (dim/2))``."""
     half = dim // 2
-    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)

@@ -7,6 +7,7 @@ import torch
 
 from cheers.attention import build_dense_mask
 from cheers.cli import main as cli_main
+from cheers.cuda_graphs import StaticDecoder
 from cheers.debug_checkpoint import make_debug_checkpoint
 from cheers.flow_head import transport
 from cheers.generate import Engine
@@ -93,6 +94,65 @@ def test_cached_decoding_equals_step_by_step(pipe):
             naive.append(nxt)
             seq_ids.append(nxt)
     assert got == naive
+
+
+def _static_vs_dynamic(model, p, device):
+    """Latents and decoding logits of the static-shape steps against the dynamic ones."""
+    cfg = p.cfg
+    rows = [p.tokenizer.t2i_prompt("a red circle"), p.tokenizer.t2i_prompt("two blue squares above a star")]
+    nulls = [null_prompt(r, cfg) for r in rows]
+    noise = torch.randn(2, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(noise=noise, steps=4, cfg_scale=3.0, shift=0.5)
+    latents = [Engine(model, static=s).sample_images(rows, nulls, **kw) for s in (False, True)]
+    # decoding: rows of different prompt lengths, so the left padding must stay hidden over
+    # the static cache's whole capacity; fixed next tokens, logits compared at every step
+    gen = torch.Generator().manual_seed(1)
+    images = [[torch.rand(3, 64, 64, generator=gen)], [torch.rand(3, 64, 64, generator=gen)]]
+    questions = [p.tokenizer.i2t_prompt("What colour is the circle?"),
+                 p.tokenizer.i2t_prompt("Hi there, how many shapes are in this picture?")]
+    feed = torch.randint(8, cfg.llm.vocab_size, (5, 2), generator=gen).to(device)
+    eng = Engine(model)
+    logits = []
+    with torch.no_grad():
+        for static in (False, True):
+            prefix = eng.prefill(questions, images)
+            doc, pos, steps = prefix.doc_ids, prefix.next_pos.clone(), []
+            dec = StaticDecoder(model.llm, prefix.cache, doc, pos, len(feed)) if static else None
+            for tok in feed:
+                if dec is not None:
+                    steps.append(dec.step(tok).clone())
+                    continue
+                doc = torch.cat([doc, torch.zeros_like(doc[:, :1])], 1)
+                hidden = model.llm.hidden_states(tok[:, None], position_ids=pos[:, None], cache=prefix.cache,
+                                                 mask=build_dense_mask(doc, None, q_len=1))
+                pos += 1
+                steps.append(model.llm.logits(hidden[:, -1]))
+            logits.append(torch.stack(steps))
+    return latents, logits
+
+
+def test_static_steps_equal_dynamic_ones(pipe):
+    """The fixed-shape steps (CUDA graphs on a GPU) give the dynamic path's results."""
+    p, _ = pipe
+    latents, logits = _static_vs_dynamic(p.model, p, "cpu")
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_equal_eager(pipe):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    p, _ = pipe
+    model = p.model.to("cuda")
+    try:
+        out = _static_vs_dynamic(model, p, "cuda")
+    finally:
+        p.model.to("cpu")
+    latents, logits = out
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_stop_tokens_stop(pipe):

@@ -107,8 +107,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                 decay.append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)  # one kernel for all tensors
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                             betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
+                             betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
