@@ -50,6 +50,35 @@ def evaluate(folder: Path, out: Path, args, log) -> dict:
     }
 
 
+@torch.no_grad()
+def heldout_losses(folder: Path, shards: list[str], n_batches: int, device: str) -> dict:
+    """Mean CE and flow loss over fixed held-out batches (same samples, times and noise
+    for every row): a measure that moves even where the task scores are near zero."""
+    from cheers.collate import make_collate
+    from cheers.pipeline import Pipeline
+    from cheers.train.config import DataConfig
+    from cheers.train.data import SampleLoader
+
+    pipe = Pipeline.from_pretrained(folder, device=device)
+    model = pipe.model
+    data = DataConfig(
+        shards=list(shards),
+        tokenizer_dir=str(folder),
+        shuffle_buffer=1,
+        ratios={"t2i": 0.5, "i2t": 0.4, "text": 0.1},
+    )
+    loader = SampleLoader(data, image_size=model.cfg.tokenizer.image_size, seed=1234)
+    collate = make_collate(model.cfg, folder)
+    gen = torch.Generator(device=device).manual_seed(1234)
+    ce = flow = 0.0
+    for _ in range(n_batches):
+        batch = collate(loader.next_batch(16)).to(device)
+        out = model(batch, generator=gen)
+        ce += float(out["ce"]) / n_batches
+        flow += float(out["flow"]) / n_batches
+    return {"heldout_ce": ce, "heldout_flow": flow}
+
+
 def run_qat(
     ckpt: Path,
     ptq: Path,
@@ -119,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sample-steps", type=int, default=None, help="sampler steps (default: the checkpoint's)"
     )
+    ap.add_argument("--heldout-batches", type=int, default=8, help="held-out loss batches of 16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
@@ -126,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from cheers.pipeline import default_checkpoint
     from cheers.quantize import quantize_checkpoint
+    from cheers.shapes.dataset import HELDOUT_SEED, write_shards
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
     shards = args.data
     if shards is None:
-        from cheers.shapes.dataset import write_shards
-
         shards = write_shards(
             str(out / "data"),
             n_samples=args.train_samples,
@@ -152,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             image_size=64,
             samples_per_shard=1000,
         )
+    heldout = write_shards(
+        str(out / "heldout"),
+        n_samples=256,
+        seed=HELDOUT_SEED + 7,
+        image_size=64,
+        samples_per_shard=256,
+    )
     metrics: dict[str, dict] = {}
     folders = {"fp": ckpt}
     if "rtn-g64" in rows:
@@ -188,14 +224,22 @@ def main(argv: list[str] | None = None) -> int:
         }
     for row in rows:
         log(f"evaluating {row}: {folders[row]}")
-        metrics.setdefault(row, {}).update(evaluate(folders[row], out / "eval" / row, args, log))
+        metrics.setdefault(row, {}).update(
+            heldout_losses(folders[row], heldout, args.heldout_batches, args.device)
+        )
+        metrics[row].update(evaluate(folders[row], out / "eval" / row, args, log))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
-    print(f"\n{'row':10s} {'bits/w':>7s} {'GenEval':>8s} {'MMBench':>8s}")
+    print(
+        f"\n{'row':10s} {'bits/w':>7s} {'CE':>7s} {'flow':>7s} {'GenEval':>8s} {'MMBench':>8s}  (CE, flow: held out)"
+    )
     for row in rows:
         m = metrics[row]
         bits = f"{m['bits_per_weight']:.3f}" if "bits_per_weight" in m else "32"
-        print(f"{row:10s} {bits:>7s} {m['geneval']:8.3f} {m['mmbench']:8.3f}")
+        print(
+            f"{row:10s} {bits:>7s} {m['heldout_ce']:7.4f} {m['heldout_flow']:7.4f} "
+            f"{m['geneval']:8.3f} {m['mmbench']:8.3f}"
+        )
     print(f"wrote {out / 'metrics.json'} ({(time.monotonic() - t0) / 60:.1f} min)")
     return 0
 

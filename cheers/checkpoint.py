@@ -97,6 +97,9 @@ def config_from_official(data: dict[str, Any], *, source: str = "config.json",
 
 def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
     """An official-layout ``config.json`` dict for our config (inverse of ``config_from_official``)."""
+    if cfg.tokenizer.compressor_out_rms is not None:
+        raise CheckpointError("tokenizer.compressor_out_rms (a shapes-world option) has no place in the "
+                              "official layout: the released model has no such norm")
     llm, sig, vae = cfg.llm, cfg.tokenizer.siglip, cfg.tokenizer.vae
     res = cfg.tokenizer.image_size
     return {

@@ -113,6 +113,10 @@ class TokenizerConfig:
     image_size: int = 512
     compressor_hidden: int | None = None  # None: 4 x siglip width (the official MLP)
     compressor_ln_eps: float = 1e-5
+    # Scale every LLM token the compressor emits to this RMS (None: unscaled, as released).
+    # A model trained from scratch otherwise grows the image tokens without bound (RMS
+    # 0.07 -> 19 in the shapes demo) until they drown the prompt in the residual stream.
+    compressor_out_rms: float | None = None
 
 
 @dataclass(kw_only=True)

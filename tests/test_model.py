@@ -146,3 +146,25 @@ def test_greedy_rows_packs_within_budget():
     assert all(sum([5, 3, 7, 2, 4][i] for i in r) <= 8 for r in rows)
     with pytest.raises(InputError, match="9 tokens, over the row budget of 8"):
         greedy_rows([9], budget=8)
+
+
+def test_compressor_out_rms_fixes_the_image_token_scale():
+    """The shapes-world option scales every LLM image token to the configured RMS; the
+    official layout cannot hold it and says so."""
+    import dataclasses
+
+    from cheers.checkpoint import config_to_official
+    from cheers.errors import CheckpointError
+
+    cfg = flavour("debug")
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, compressor_out_rms=0.05))
+    torch.manual_seed(0)
+    model = CheersModel(cfg)
+    model.init_weights()
+    g = cfg.latent_grid
+    with torch.no_grad():
+        tokens, _ = model.image_tokens(torch.randn(2, cfg.tokenizer.vae.latent_channels, g, g) * 10)
+    rms = tokens.pow(2).mean(-1).sqrt()  # [I, N]: one value per token
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.05), rtol=1e-3, atol=1e-6)
+    with pytest.raises(CheckpointError, match="compressor_out_rms"):
+        config_to_official(cfg)

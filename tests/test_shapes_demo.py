@@ -42,6 +42,17 @@ def shapes_data(tmp_path_factory):
     return root
 
 
+def test_demo_tokenizer_keeps_the_chat_template_short(shapes_data):
+    """The template enters the BPE corpus at its true frequency: whole words, not letters."""
+    from cheers.demo import train_tokenizer
+    from cheers.text_tokenizer import DEFAULT_SYSTEM
+
+    tok = train_tokenizer([shapes_data / "data"], [], vocab_size=400)
+    assert len(tok.encode(DEFAULT_SYSTEM)) <= 7
+    assert all(len(tok.encode(role)) == 1 for role in ("system", "user", "assistant"))
+    assert len(tok.t2i_prompt("a photo of a blue square")) <= 32
+
+
 def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
     from cheers.train.config import load_run_config
     from cheers.train.trainer import train

@@ -28,7 +28,7 @@ class VisionTokenizer(nn.Module):
         self.siglip = SiglipVision(tc.siglip)
         hidden = tc.compressor_hidden or 4 * tc.siglip.hidden_size
         self.compressor = TokenCompressor(tc.siglip.hidden_size, hidden, cfg.llm.hidden_size,
-                                          eps=tc.compressor_ln_eps)
+                                          eps=tc.compressor_ln_eps, out_rms=tc.compressor_out_rms)
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         if pixels.dim() != 4 or pixels.shape[1] != 3:

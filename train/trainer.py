@@ -60,6 +60,7 @@ class TrainResult:
     skipped: dict[str, int]
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    ema: bool = False  # the checkpoint holds EMA weights (export them with ema=True)
 
 
 def train(cfg: RunConfig, task: Task | None = None) -> TrainResult:
@@ -299,7 +300,8 @@ class Trainer:
         if env.is_main and skipped:
             log.warning("skipped samples: %s", skipped)
         return TrainResult(step=self.step, out_dir=self.out_dir, trainable=self.trainable,
-                           skipped=skipped, history=history, checkpoint=saved)
+                           skipped=skipped, history=history, checkpoint=saved,
+                           ema=self.cfg.train.ema_decay > 0)
 
     def _time_frac(self) -> float:
         """Spent fraction of ``train.max_seconds`` as rank 0 sees it (0 without a budget), so

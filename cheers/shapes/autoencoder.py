@@ -27,7 +27,7 @@ def scene_images(n: int, image_size: int, rng: np.random.Generator) -> torch.Ten
 
 
 def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_steps: int = 3000,
-              batch: int = 8, lr: float = 3e-3, kl_weight: float = 1e-6, seed: int = 0,
+              batch: int = 4, lr: float = 3e-3, kl_weight: float = 1e-6, seed: int = 0,
               device: str = "cpu", progress: Callable[[int, float], None] | None = None) -> tuple[VAE, list[float]]:
     """Train a ``VAE`` on fresh scenes for ``seconds`` (or ``max_steps``); returns it with its
     reconstruction-loss curve. Pixels stay in [0, 1], as the VAE sees them in the model."""

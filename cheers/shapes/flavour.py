@@ -4,7 +4,10 @@
 semantic encoder with 8 px patches, 16 LLM tokens per image, a 4-layer LLM of width 192.
 It predicts the clean latent and derives the velocity from it (``transport.prediction="x1"``,
 which gave clean samples where direct velocity prediction left speckle at this size); plain
-Euler to t = 1 (no official extra step) and no dummy image prefix.
+Euler to t = 1 (no official extra step) and no dummy image prefix. The compressor's tokens
+are scaled to a fixed RMS (``compressor_out_rms``): trained from scratch, the image tokens otherwise
+grow until the prompt no longer moves them (measured: the text's effect on the image-token
+states fell from 3.4% at initialisation to 0.2% after 900 steps; CFG then did nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def shapes_flavour() -> ModelConfig:
             siglip=SiglipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 patch_size=8, image_size=64, use_head=False),
             compressor_hidden=256,
+            compressor_out_rms=0.05,  # image tokens at the scale of word embeddings, or they drown the prompt
         ),
         head=FlowHeadConfig(stage_a_blocks=2, stage_a_heads=6, stage_a_kv_heads=2, stage_b_blocks=2,
                             stage_b_heads=4, stage_b_kv_heads=2, mlp_ratio=2, stage_b_positions="raster"),
