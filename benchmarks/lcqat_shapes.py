@@ -30,13 +30,11 @@ QAT_CONFIG = ROOT / "configs" / "lcqat_shapes.yaml"
 ROWS = ("fp", "rtn-g64", "lcqat-ptq", "lcqat-qat")
 
 
-def evaluate(folder: Path, out: Path, args, log) -> dict:
-    """GenEval-shapes overall and MMBench-shapes overall of checkpoint ``folder``."""
+def evaluate(pipe, out: Path, args, log) -> dict:
+    """GenEval-shapes overall and MMBench-shapes overall of a loaded checkpoint."""
     # the demo's evaluation helpers; the one place to re-point when they move to cheers.eval
     from cheers.demo import evaluate_geneval, evaluate_mmbench
-    from cheers.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(folder, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     tc = pipe.cfg.transport
     steps = args.sample_steps or tc.sample_steps
@@ -51,15 +49,13 @@ def evaluate(folder: Path, out: Path, args, log) -> dict:
 
 
 @torch.no_grad()
-def heldout_losses(folder: Path, shards: list[str], n_batches: int, device: str) -> dict:
+def heldout_losses(pipe, folder: Path, shards: list[str], n_batches: int, device: str) -> dict:
     """Mean CE and flow loss over fixed held-out batches (same samples, times and noise
     for every row): a measure that moves even where the task scores are near zero."""
     from cheers.collate import make_collate
-    from cheers.pipeline import Pipeline
     from cheers.train.config import DataConfig
     from cheers.train.data import SampleLoader
 
-    pipe = Pipeline.from_pretrained(folder, device=device)
     model = pipe.model
     data = DataConfig(
         shards=list(shards),
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/lcqat_shapes.yaml")
     args = ap.parse_args(argv)
-    from cheers.pipeline import default_checkpoint
+    from cheers.pipeline import Pipeline, default_checkpoint
     from cheers.quantize import quantize_checkpoint
     from cheers.shapes.dataset import HELDOUT_SEED, write_shards
 
@@ -224,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     for row in rows:
         log(f"evaluating {row}: {folders[row]}")
+        pipe = Pipeline.from_pretrained(folders[row], device=args.device)  # once for both measures
         metrics.setdefault(row, {}).update(
-            heldout_losses(folders[row], heldout, args.heldout_batches, args.device)
+            heldout_losses(pipe, folders[row], heldout, args.heldout_batches, args.device)
         )
-        metrics[row].update(evaluate(folders[row], out / "eval" / row, args, log))
+        metrics[row].update(evaluate(pipe, out / "eval" / row, args, log))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
     print(

@@ -42,10 +42,11 @@ class Budget:
         return time.monotonic() - self.start
 
 
-def _corpus(shard_dir: Path, extra: list[str]) -> list[str]:
+def _corpus(shard_dir: Path) -> list[str]:
+    """Every caption and conversation turn in the shards of ``shard_dir``."""
     import tarfile
 
-    texts = list(extra)
+    texts = []
     for shard in sorted(shard_dir.glob("*.tar")):
         with tarfile.open(shard) as tar:
             for m in tar.getmembers():
@@ -64,7 +65,7 @@ def train_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 
 
     corpus = list(extra)
     for d in shard_dirs:
-        corpus += _corpus(d, [])
+        corpus += _corpus(d)
     corpus += [DEFAULT_SYSTEM, "system", "user", "assistant"] * len(corpus)  # as the template encodes them
     return train_bpe(corpus, vocab_size=vocab_size)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from cheers.sequence import IGNORE
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -68,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk: int = 4096,
-                         ignore_index: int = IGNORE_INDEX) -> Tensor:
+                         ignore_index: int = IGNORE) -> Tensor:
     """Mean CE of ``hidden [N, D] @ weight.T [D, V]`` against ``targets [N]`` (ignored ones skipped).
 
     Chunked and fused with its backward when gradients are wanted; the plain
