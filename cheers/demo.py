@@ -93,12 +93,14 @@ def prepare(out: Path, n_train: int, seed: int, log) -> tuple[Path, Path]:
     return data, tok_dir
 
 
-def build_init(out: Path, tok_dir: Path, vae_seconds: float, seed: int, log) -> Path:
-    """The starting model: the tiny VAE trained first, copied into the pixel decoder."""
+def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log) -> Path:
+    """The starting model: the tiny VAE trained first (and copied into the pixel decoder), then
+    the tiny semantic encoder pretrained on dense labels (``cheers.shapes.semantic``)."""
     from cheers.checkpoint import save_pretrained
     from cheers.config import flavour
     from cheers.model import CheersModel
     from cheers.shapes.autoencoder import train_vae
+    from cheers.shapes.semantic import train_semantic_encoder
     from cheers.text_tokenizer import TextTokenizer
 
     init = out / "init"
@@ -113,12 +115,20 @@ def build_init(out: Path, tok_dir: Path, vae_seconds: float, seed: int, log) -> 
                             progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
     bar.close()
     log(f"vae: {len(losses)} steps, reconstruction loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
+    bar = tqdm(desc="semantic encoder", unit="step", leave=False)
+    encoder, sem_losses, acc = train_semantic_encoder(
+        cfg.tokenizer.siglip, None, cfg.tokenizer.image_size, seconds=semantic_seconds, seed=seed,
+        progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+    bar.close()
+    log(f"semantic encoder: {len(sem_losses)} steps, loss {np.mean(sem_losses[:10]):.3f} -> "
+        f"{np.mean(sem_losses[-10:]):.3f}; patch accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     torch.manual_seed(seed)
     model = CheersModel(cfg)
     model.init_weights()
     model.tokenizer.vae.load_state_dict(vae.state_dict())
     model.tokenizer.pixel_decoder.decoder.load_state_dict(vae.decoder.state_dict())
     model.tokenizer.pixel_decoder.bn.load_state_dict(vae.bn.state_dict())
+    model.tokenizer.siglip.load_state_dict(encoder.state_dict())
     save_pretrained(model, init)
     (init / "vae_losses.json").write_text(json.dumps(losses))
     return init
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(lines[-1])
 
     data, tok_dir = prepare(out, args.samples, args.seed, log)
-    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, seed=args.seed, log=log)
+    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.05 * budget.total,
+                      seed=args.seed, log=log)
     eval_reserve = 0.12 * budget.total
     from cheers.train.checkpoint import export
 

@@ -1,0 +1,137 @@
+"""Pretraining the shapes world's tiny semantic encoder (the SigLIP2 of the shapes flavour).
+
+The released model starts from a pretrained SigLIP2: its patch features already say what is
+where, and the LLM reads images through them. A randomly initialised encoder trained jointly
+with everything else does not get there on a CPU budget: on the mostly grey shapes images its
+features carried 2% image-dependent variance at initialisation and none after 300 joint steps
+(the flow head then learned to denoise from the patch embeddings alone and ignored the prompt,
+and questions were answered at chance). So the demo pretrains it first, as it does the VAE.
+
+Objective: dense labels from the generator. Every patch is labelled with the colour and the
+class of the object covering most of it (or background), and the encoder's final features must
+give both through two linear probes. By default it sees the rendered images themselves (as
+SigLIP2 was trained on real images); given the trained VAE it sees instead the pixel decoding
+of ``t x1 + (1 - t) noise`` with t in ``[t_min, 1]``, what it meets inside Cheers (measured: steps
+4x slower, patch colour accuracy 0.51 after 90 s, against 0.98 after 45 s on clean images).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from cheers.config import SiglipConfig
+from cheers.shapes.world import COLOURS, SHAPES, Scene, object_masks, render, sample_scene
+from cheers.tokenizer.siglip import SiglipVision
+from cheers.tokenizer.vae import VAE
+
+
+def patch_labels(scene: Scene, patch: int, min_cover: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
+    """(colour, shape) labels [S/p, S/p] int64 per patch: 1 + the index of the object covering
+    most of the patch (in ``COLOURS`` / ``SHAPES``), 0 for background (cover under ``min_cover``)."""
+    g = scene.height // patch
+    best = np.zeros((g, g), dtype=np.float32)
+    colour = np.zeros((g, g), dtype=np.int64)
+    shape = np.zeros((g, g), dtype=np.int64)
+    for obj, mask in zip(scene.objects, object_masks(scene)):
+        cover = mask.reshape(g, patch, g, patch).mean(axis=(1, 3))
+        win = (cover > best) & (cover >= min_cover)
+        best = np.where(win, cover, best)
+        colour[win] = 1 + COLOURS.index(obj.colour)
+        shape[win] = 1 + SHAPES.index(obj.shape)
+    return colour, shape
+
+
+def labelled_scenes(n: int, image_size: int, patch: int, rng: np.random.Generator):
+    """n random scenes: pixels [n, 3, S, S] in [0, 1], colour and shape labels [n, S/p, S/p]."""
+    scenes = [sample_scene(rng, image_size) for _ in range(n)]
+    pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+    labels = [patch_labels(s, patch) for s in scenes]
+    colour = torch.from_numpy(np.stack([c for c, _ in labels]))
+    shape = torch.from_numpy(np.stack([s for _, s in labels]))
+    return pixels, colour, shape
+
+
+class PatchProbes(nn.Module):
+    """Linear colour and shape classifiers on the encoder's patch features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.colour = nn.Linear(dim, 1 + len(COLOURS))
+        self.shape = nn.Linear(dim, 1 + len(SHAPES))
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.colour(feats), self.shape(feats)
+
+
+def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, *, seconds: float = 60.0,
+                           max_steps: int = 3000, batch: int = 32, lr: float = 3e-3, t_min: float = 0.5,
+                           seed: int = 0, progress: Callable[[int, float], None] | None = None
+                           ) -> tuple[SiglipVision, list[float], dict[str, float]]:
+    """Train a ``SiglipVision`` on dense shapes labels for ``seconds`` (or ``max_steps``).
+
+    ``vae`` (trained, frozen) makes the inputs: pixel decodings of noised latents. Returns the
+    encoder, its loss curve and the probes' patch accuracies on fresh clean scenes
+    (``colour``, ``shape``: over object patches; ``background``: over the rest).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 11])
+    encoder = SiglipVision(cfg)
+    encoder.init_weights()
+    probes = PatchProbes(cfg.hidden_size)
+    params = [*encoder.parameters(), *probes.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if vae is not None:
+        vae.eval()
+    pool = labelled_scenes(1024, image_size, cfg.patch_size, rng)
+    losses: list[float] = []
+    start = time.monotonic()
+    step = 0
+    while step < max_steps and time.monotonic() - start < seconds:
+        idx = torch.randint(0, len(pool[0]), (batch,))
+        pixels, colour, shape = (p[idx] for p in pool)
+        seen = pixels
+        if vae is not None:
+            with torch.no_grad():
+                x1 = vae.encode(pixels)
+                t = t_min + (1 - t_min) * torch.rand(batch, 1, 1, 1)
+                seen = vae.decode(t * x1 + (1 - t) * torch.randn_like(x1))
+        feats, _ = encoder(seen)
+        logit_c, logit_s = probes(feats)
+        loss = (F.cross_entropy(logit_c.flatten(0, 1), colour.flatten())
+                + F.cross_entropy(logit_s.flatten(0, 1), shape.flatten()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:  # cosine decay over the time budget
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if progress:
+            progress(step, losses[-1])
+        if step % 32 == 0:  # refresh part of the pool: cheap and ever new
+            fresh = labelled_scenes(batch, image_size, cfg.patch_size, rng)
+            slot = torch.randint(0, len(pool[0]), (batch,))
+            for p, f in zip(pool, fresh):
+                p[slot] = f
+    encoder.eval()
+    return encoder, losses, probe_accuracy(encoder, probes, vae, image_size, rng)
+
+
+@torch.no_grad()
+def probe_accuracy(encoder: SiglipVision, probes: PatchProbes, vae: VAE | None, image_size: int,
+                   rng: np.random.Generator, n: int = 256) -> dict[str, float]:
+    pixels, colour, shape = labelled_scenes(n, image_size, encoder.cfg.patch_size, rng)
+    feats, _ = encoder(pixels if vae is None else vae.decode(vae.encode(pixels)))
+    pred_c, pred_s = (rearrange(x.argmax(-1), "b (h w) -> b h w", h=colour.shape[1]) for x in probes(feats))
+    obj = colour > 0
+    return {"colour": (pred_c == colour)[obj].float().mean().item(),
+            "shape": (pred_s == shape)[obj].float().mean().item(),
+            "background": (pred_c == 0)[~obj].float().mean().item()}
