@@ -28,7 +28,8 @@ def test_patch_labels_name_the_object_covering_each_patch():
 
 def test_semantic_pretraining_learns_colours():
     cfg = flavour("shapes").tokenizer.siglip
-    encoder, losses, acc = train_semantic_encoder(cfg, None, 64, seconds=120, max_steps=120, batch=16, seed=0)
+    encoder, losses, acc = train_semantic_encoder(cfg, None, 64, seconds=120, max_steps=120, batch=16,
+                                                  pool_size=128, seed=0)
     assert len(losses) == 120
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     # 11 colour classes per object patch: chance is ~0.1

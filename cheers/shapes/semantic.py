@@ -72,12 +72,14 @@ class PatchProbes(nn.Module):
 
 def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, *, seconds: float = 60.0,
                            max_steps: int = 3000, batch: int = 32, lr: float = 3e-3, t_min: float = 0.5,
-                           seed: int = 0, progress: Callable[[int, float], None] | None = None
+                           pool_size: int = 1024, seed: int = 0,
+                           progress: Callable[[int, float], None] | None = None
                            ) -> tuple[SiglipVision, list[float], dict[str, float]]:
     """Train a ``SiglipVision`` on dense shapes labels for ``seconds`` (or ``max_steps``).
 
-    ``vae`` (trained, frozen) makes the inputs: pixel decodings of noised latents. Returns the
-    encoder, its loss curve and the probes' patch accuracies on fresh clean scenes
+    The inputs are rendered scenes (``vae=None``, the demo's choice) or, given the trained
+    ``vae``, pixel decodings of their noised latents. Returns the encoder, its loss curve and
+    the probes' patch accuracies on fresh clean scenes
     (``colour``, ``shape``: over object patches; ``background``: over the rest).
     """
     torch.manual_seed(seed)
@@ -89,7 +91,7 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if vae is not None:
         vae.eval()
-    pool = labelled_scenes(1024, image_size, cfg.patch_size, rng)
+    pool = labelled_scenes(pool_size, image_size, cfg.patch_size, rng)  # partly redrawn as it trains
     losses: list[float] = []
     start = time.monotonic()
     step = 0
@@ -116,7 +118,7 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
         step += 1
         if progress:
             progress(step, losses[-1])
-        if step % 32 == 0:  # refresh part of the pool: cheap and ever new
+        if step % 32 == 0:
             fresh = labelled_scenes(batch, image_size, cfg.patch_size, rng)
             slot = torch.randint(0, len(pool[0]), (batch,))
             for p, f in zip(pool, fresh):
