@@ -100,6 +100,9 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.tokenizer.compressor_out_rms is not None:
         raise CheckpointError("tokenizer.compressor_out_rms (a shapes-world option) has no place in the "
                               "official layout: the released model has no such norm")
+    if cfg.head.time_scale != 1.0:
+        raise CheckpointError(f"head.time_scale={cfg.head.time_scale} (a shapes-world option) has no place in "
+                              "the official layout: the released model embeds t in [0, 1] as is")
     llm, sig, vae = cfg.llm, cfg.tokenizer.siglip, cfg.tokenizer.vae
     res = cfg.tokenizer.image_size
     return {

@@ -134,6 +134,9 @@ class FlowHeadConfig:
     norm_eps: float = 1e-6
     gate_ln_eps: float = 1e-5
     time_freq_dim: int = 256
+    # the sinusoid reads t * time_scale; the released model uses t in [0, 1] as is, which leaves
+    # most of its 128 frequencies (1e-4 .. 1 rad per unit t) nearly constant over [0, 1]
+    time_scale: float = 1.0
     # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
     # "raster": 0..N-1.
     stage_b_positions: Literal["official", "raster"] = "official"
@@ -149,8 +152,8 @@ class TransportConfig:
     train_shift: float = 1.0  # for time_sampling="shifted"
     # what the head's output means; the loss is always on the velocity x1 - x0.
     prediction: Literal["velocity", "x1"] = "velocity"
-    # with prediction="x1" the training loss is on v = (x1_pred - xt) / max(1 - t, x1_loss_t_min):
-    # the clamp bounds the 1 / (1 - t)^2 weight that loss puts on nearly clean times
+    # with prediction="x1" the velocity is v = (x1_pred - xt) / max(1 - t, x1_loss_t_min), in the
+    # loss and in sampling: the clamp bounds the 1 / (1 - t)^2 weight on nearly clean times
     x1_loss_t_min: float = 0.05
     flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2

@@ -54,18 +54,22 @@ class CheersModel(nn.Module):
         return self.tokenizer(xt)
 
     def velocity(self, hidden: torch.Tensor, t: torch.Tensor, xt: torch.Tensor,
-                 patch_embeds: torch.Tensor, t_min: float = 1e-4) -> torch.Tensor:
+                 patch_embeds: torch.Tensor) -> torch.Tensor:
         """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm].
 
         With ``transport.prediction == "x1"`` the head predicts the clean latent and the
-        velocity ``(x1 - xt) / max(1 - t, t_min)`` is derived from it (so an Euler step that
-        ends at t = 1 lands on the prediction); the released model predicts the velocity.
+        velocity is ``(x1 - xt) / max(1 - t, x1_loss_t_min)``, in training and in sampling
+        alike: above ``t = 1 - x1_loss_t_min`` the loss makes the output ``xt + t_min v``
+        rather than x1, and reading it as x1 there scaled the last velocities by up to
+        ``t_min / (1 - t)`` (the shapes recipe, 20 steps: 4.7x at the last step, and colours
+        came out oversaturated, an orange star as yellow). The released model predicts the
+        velocity.
         """
         out = self.head(hidden, t, patch_embeds)  # [I, G*G, C]
         g = self.cfg.latent_grid
         out = rearrange(out, "i (h w) c -> i c h w", h=g, w=g)
         if self.cfg.transport.prediction == "x1":
-            return transport.velocity_from_x1(out, xt, t, t_min=t_min)
+            return transport.velocity_from_x1(out, xt, t, t_min=self.cfg.transport.x1_loss_t_min)
         return out
 
     def embed(self, input_ids: torch.Tensor, image_index: torch.Tensor, image_slot: torch.Tensor,
@@ -135,8 +139,7 @@ class CheersModel(nn.Module):
             sel = torch.isin(batch.image_index, gen_idx)
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
-            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx],
-                                   t_min=self.cfg.transport.x1_loss_t_min)
+            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx])
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx])
         else:
             v_pred = None

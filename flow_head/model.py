@@ -20,18 +20,20 @@ from cheers.flow_head.transport import timestep_frequencies
 
 
 class TimeEmbedding(nn.Module):
-    """One sinusoid of ``t`` (t in [0, 1], used as is; [cos, sin]) and one MLP per stage."""
+    """One sinusoid of ``t * scale`` ([cos, sin]; the released model: t in [0, 1] as is) and
+    one MLP per stage."""
 
-    def __init__(self, freq_dim: int, dim_a: int, dim_b: int):
+    def __init__(self, freq_dim: int, dim_a: int, dim_b: int, scale: float = 1.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = scale
         self.mlp_a = nn.Sequential(nn.Linear(freq_dim, dim_a), nn.SiLU(), nn.Linear(dim_a, dim_a))
         self.mlp_b = nn.Sequential(nn.Linear(freq_dim, dim_b), nn.SiLU(), nn.Linear(dim_b, dim_b))
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
         """t [B] -> [B, freq_dim] in fp32."""
         freqs = timestep_frequencies(self.freq_dim, device=t.device)  # made on the device: graph-safe
-        args = t.float()[:, None] * freqs[None]
+        args = (t.float() * self.scale)[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +73,7 @@ class CascadedFlowHead(nn.Module):
         d_sig = cfg.tokenizer.siglip.hidden_size
         self.grid = cfg.latent_grid  # side of the latent grid (32 at 512 px)
         self.stage_b_positions = hc.stage_b_positions
-        self.time_embed = TimeEmbedding(hc.time_freq_dim, d_llm, d_sig)
+        self.time_embed = TimeEmbedding(hc.time_freq_dim, d_llm, d_sig, hc.time_scale)
         self.stage_a = DiTStage(dim=d_llm, out_dim=4 * d_sig, depth=hc.stage_a_blocks,
                                 heads=hc.stage_a_heads, kv_heads=hc.stage_a_kv_heads,
                                 mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)

@@ -168,3 +168,49 @@ def test_compressor_out_rms_fixes_the_image_token_scale():
     torch.testing.assert_close(rms, torch.full_like(rms, 0.05), rtol=1e-3, atol=1e-6)
     with pytest.raises(CheckpointError, match="compressor_out_rms"):
         config_to_official(cfg)
+
+
+def test_x1_output_is_read_with_the_training_clamp_in_sampling():
+    """With x1 prediction the loss trains ``(out - xt) / max(1 - t, t_min)`` against x1 - x0;
+    the sampler's velocity must read the output the same way, or near t = 1 it scales the
+    velocity by t_min / (1 - t)."""
+    import dataclasses
+
+    from cheers.flow_head import transport
+
+    cfg = flavour("debug")
+    cfg = dataclasses.replace(cfg, transport=dataclasses.replace(cfg.transport, prediction="x1",
+                                                                 x1_loss_t_min=0.25))
+    torch.manual_seed(0)
+    model = CheersModel(cfg).eval()
+    model.init_weights()
+    for p in model.head.stage_b.final.linear.parameters():  # a non-zero output
+        torch.nn.init.normal_(p, std=0.5)
+    g, c, n = cfg.latent_grid, cfg.tokenizer.vae.latent_channels, cfg.tokens_per_image
+    hidden, xt = torch.randn(2, n, cfg.llm.hidden_size), torch.randn(2, c, g, g)
+    patch = torch.randn(2, g * g, cfg.tokenizer.siglip.hidden_size)
+    t = torch.tensor([0.4, 0.95])
+    with torch.no_grad():
+        out = model.head(hidden, t, patch).transpose(1, 2).reshape(2, c, g, g)
+        v = model.velocity(hidden, t, xt, patch)
+    torch.testing.assert_close(v[0], (out[0] - xt[0]) / 0.6)
+    torch.testing.assert_close(v[1], (out[1] - xt[1]) / 0.25)  # not / 0.05
+    torch.testing.assert_close(v, transport.velocity_from_x1(out, xt, t, t_min=0.25))
+
+
+def test_time_scale_multiplies_t_and_stays_out_of_the_official_layout():
+    import dataclasses
+
+    from cheers.checkpoint import config_to_official
+    from cheers.errors import CheckpointError
+    from cheers.flow_head.model import TimeEmbedding
+
+    t = torch.tensor([0.0, 0.3, 1.0])
+    scaled, plain = TimeEmbedding(256, 8, 8, scale=1000.0), TimeEmbedding(256, 8, 8)
+    torch.testing.assert_close(scaled.sinusoid(t), plain.sinusoid(1000.0 * t))
+    # as is, the slowest frequencies barely move over t in [0, 1]; scaled, they do
+    spread = lambda emb: (emb.sinusoid(torch.tensor([1.0])) - emb.sinusoid(torch.tensor([0.0]))).abs()  # noqa: E731
+    assert (spread(plain) > 0.1).sum() < 64 < (spread(scaled) > 0.1).sum()  # of 256 dims
+    cfg = flavour("debug")
+    with pytest.raises(CheckpointError, match="time_scale"):
+        config_to_official(dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, time_scale=1000.0)))

@@ -8,6 +8,10 @@ Euler to t = 1 (no official extra step) and no dummy image prefix. The compresso
 are scaled to a fixed RMS (``compressor_out_rms``): trained from scratch, the image tokens otherwise
 grow until the prompt no longer moves them (measured: the text's effect on the image-token
 states fell from 3.4% at initialisation to 0.2% after 900 steps; CFG then did nothing).
+The time embedding reads ``1000 t`` (``head.time_scale``): with t as is most of its frequencies
+are flat over [0, 1] (measured: flow loss 1.08 against 1.26 after 400 steps).
+The demo pretrains the semantic encoder on dense patch labels and keeps it frozen
+(``cheers.shapes.semantic``), as the released model starts from SigLIP2.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def shapes_flavour() -> ModelConfig:
             compressor_out_rms=0.05,  # image tokens at the scale of word embeddings, or they drown the prompt
         ),
         head=FlowHeadConfig(stage_a_blocks=2, stage_a_heads=6, stage_a_kv_heads=2, stage_b_blocks=2,
-                            stage_b_heads=4, stage_b_kv_heads=2, mlp_ratio=2, stage_b_positions="raster"),
+                            stage_b_heads=4, stage_b_kv_heads=2, mlp_ratio=2, stage_b_positions="raster",
+                            time_scale=1000.0),
         transport=TransportConfig(prediction="x1", x1_loss_t_min=0.25, cfg_drop_rate=0.1, sample_steps=20, sample_shift=1.0,
                                   cfg_scale=3.0, official_last_step=False),
         tokens=SpecialTokens(pad=0, chat_start=1, eos=2, image=3, image_gen=4, im_start=5, im_end=6, no_mean=7),
