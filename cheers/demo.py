@@ -1,9 +1,10 @@
 """``cheers demo``: the shapes world end to end on a CPU, with no download.
 
-Writes the data (WebDataset shards), trains a byte-level BPE tokenizer and the tiny VAE,
-trains the whole Cheers model through the project's trainer, then generates images for
-held-out GenEval-style prompts and answers held-out MMBench-style questions, scores both
-with the shapes evaluator (GenEval rules, CircularEval), and writes a report folder:
+Writes the data (WebDataset shards), trains a byte-level BPE tokenizer, the tiny VAE and the
+tiny semantic encoder (then frozen), trains the whole Cheers model through the project's
+trainer, then generates images for held-out GenEval-style prompts and answers held-out
+MMBench-style questions, scores both with the shapes evaluator (GenEval rules, CircularEval),
+and writes a report folder:
 
     DIR/index.html  DIR/grid.png  DIR/loss.png  DIR/metrics.json  DIR/checkpoint/
 """

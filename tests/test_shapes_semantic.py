@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cheers.config import flavour
+from cheers.errors import InputError
 from cheers.shapes.semantic import patch_labels, train_semantic_encoder
 from cheers.shapes.world import COLOURS, SHAPES, Scene, make_object
 
@@ -22,8 +24,10 @@ def test_patch_labels_name_the_object_covering_each_patch():
     assert (shape[want] == 1 + SHAPES.index("square")).all()
     assert colour[5, 5] == 1 + COLOURS.index("red") and shape[5, 5] == 1 + SHAPES.index("circle")
     assert colour[0, 0] == 0 and shape[7, 0] == 0  # background
-    # a patch the circle barely touches stays background (cover under 1/8)
-    assert colour[5, 7] == 0
+    # the patch right of it, which the circle's edge barely enters (x 48-49), stays background
+    assert colour[5, 6] == 0
+    with pytest.raises(InputError, match="multiple of the 8 px patch"):
+        patch_labels(Scene(60, 60, (square,), "single"), 8)
 
 
 def test_semantic_pretraining_learns_colours():

@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from cheers.config import SiglipConfig
+from cheers.errors import InputError
 from cheers.shapes.world import COLOURS, SHAPES, Scene, object_masks, render, sample_scene
 from cheers.tokenizer.siglip import SiglipVision
 from cheers.tokenizer.vae import VAE
@@ -35,6 +36,9 @@ from cheers.tokenizer.vae import VAE
 def patch_labels(scene: Scene, patch: int, min_cover: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
     """(colour, shape) labels [S/p, S/p] int64 per patch: 1 + the index of the object covering
     most of the patch (in ``COLOURS`` / ``SHAPES``), 0 for background (cover under ``min_cover``)."""
+    if scene.height != scene.width or scene.height % patch:
+        raise InputError(f"patch labels need a square image whose side is a multiple of the {patch} px patch; "
+                         f"got {scene.width}x{scene.height}")
     g = scene.height // patch
     best = np.zeros((g, g), dtype=np.float32)
     colour = np.zeros((g, g), dtype=np.int64)
@@ -130,6 +134,7 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
 @torch.no_grad()
 def probe_accuracy(encoder: SiglipVision, probes: PatchProbes, vae: VAE | None, image_size: int,
                    rng: np.random.Generator, n: int = 256) -> dict[str, float]:
+    """Patch accuracies of the probes on ``n`` fresh clean scenes."""
     pixels, colour, shape = labelled_scenes(n, image_size, encoder.cfg.patch_size, rng)
     feats, _ = encoder(pixels if vae is None else vae.decode(vae.encode(pixels)))
     pred_c, pred_s = (rearrange(x.argmax(-1), "b (h w) -> b h w", h=colour.shape[1]) for x in probes(feats))
