@@ -20,10 +20,20 @@ from cheers.tokenizer.vae import VAE
 BACKGROUND = torch.tensor(_BG, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
 
 
+def scene_pixels(scenes) -> torch.Tensor:
+    """[n, 3, S, S] float in [0, 1]: the rendered ``scenes``."""
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+
+
 def scene_images(n: int, image_size: int, rng: np.random.Generator) -> torch.Tensor:
     """[n, 3, S, S] float in [0, 1] of random shapes scenes."""
-    arr = np.stack([render(sample_scene(rng, image_size)) for _ in range(n)])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    return scene_pixels([sample_scene(rng, image_size) for _ in range(n)])
+
+
+def cosine_lr(lr: float, start: float, seconds: float) -> float:
+    """The learning rate of a cosine decay to 0 over a wall-clock budget begun at ``start``
+    (``time.monotonic()``): the pretraining loops here stop on time, not on a step count."""
+    return lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
 
 
 def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_steps: int = 3000,
@@ -59,8 +69,8 @@ def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:  # cosine decay over the expected number of steps
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, start, seconds)
         opt.step()
         losses.append(rec.item())
         step += 1

@@ -28,7 +28,8 @@ from torch import nn
 
 from cheers.config import SiglipConfig
 from cheers.errors import InputError
-from cheers.shapes.world import COLOURS, SHAPES, Scene, object_masks, render, sample_scene
+from cheers.shapes.autoencoder import cosine_lr, scene_pixels
+from cheers.shapes.world import COLOURS, SHAPES, Scene, object_masks, sample_scene
 from cheers.tokenizer.siglip import SiglipVision
 from cheers.tokenizer.vae import VAE
 
@@ -55,7 +56,7 @@ def patch_labels(scene: Scene, patch: int, min_cover: float = 0.125) -> tuple[np
 def labelled_scenes(n: int, image_size: int, patch: int, rng: np.random.Generator):
     """n random scenes: pixels [n, 3, S, S] in [0, 1], colour and shape labels [n, S/p, S/p]."""
     scenes = [sample_scene(rng, image_size) for _ in range(n)]
-    pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+    pixels = scene_pixels(scenes)
     labels = [patch_labels(s, patch) for s in scenes]
     colour = torch.from_numpy(np.stack([c for c, _ in labels]))
     shape = torch.from_numpy(np.stack([s for _, s in labels]))
@@ -115,8 +116,8 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:  # cosine decay over the time budget
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, start, seconds)
         opt.step()
         losses.append(loss.item())
         step += 1
