@@ -103,6 +103,9 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.head.time_scale != 1.0:
         raise CheckpointError(f"head.time_scale={cfg.head.time_scale} (a shapes-world option) has no place in "
                               "the official layout: the released model embeds t in [0, 1] as is")
+    if cfg.tokenizer.vae.pooled_rgb_latent:
+        raise CheckpointError("tokenizer.vae.pooled_rgb_latent (a shapes-world option) has no place in the "
+                              "official layout: the released VAE's latent channels are all learned")
     llm, sig, vae = cfg.llm, cfg.tokenizer.siglip, cfg.tokenizer.vae
     res = cfg.tokenizer.image_size
     return {

@@ -75,6 +75,12 @@ class VAEConfig:
     norm_groups: int = 32
     latent_patch: int = 2  # the latent is patchified 2x2 before the BatchNorm
     bn_eps: float = 1e-4
+    # latent channels 0-2 are the image's RGB average-pooled to the latent grid (the encoder's
+    # own outputs there are dropped); False for every released VAE. The shapes flavour uses it:
+    # colour is then linear in the latent, so a half-confident prediction decodes to a faded
+    # colour of the right hue (with a learned latent, halfway from the background to red
+    # decoded green or black)
+    pooled_rgb_latent: bool = False
 
     @property
     def downsample(self) -> int:

@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(lines[-1])
 
     data, tok_dir = prepare(out, args.samples, args.seed, log)
-    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.05 * budget.total,
+    # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
+    # against 0.34 after the 1,000 steps of 5%)
+    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,
                       seed=args.seed, log=log)
     eval_reserve = 0.12 * budget.total
     from cheers.train.checkpoint import export

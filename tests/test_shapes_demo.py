@@ -63,10 +63,13 @@ def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
         "train.warmup_steps=5", "train.log_every=5", "train.progress=false", "data.ratios={t2i: 0.6, i2t: 0.4}",
         "train.trainable=['*']"])
     result = train(cfg)
-    first, last = result.history[0], result.history[-1]
-    print({k: (first[k], last[k]) for k in ("ce", "flow")})
+    # each log averages 5 steps of about 5 generation images at random t: compare the first
+    # two logs with the last three
+    first = {k: sum(h[k] for h in result.history[:2]) / 2 for k in ("ce", "flow")}
+    last = {k: sum(h[k] for h in result.history[-3:]) / 3 for k in ("ce", "flow")}
+    print(first, last)
     assert last["ce"] < 0.7 * first["ce"]
-    assert last["flow"] < 0.9 * first["flow"]
+    assert last["flow"] < 0.85 * first["flow"]
 
 
 def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):

@@ -6,6 +6,7 @@ Parity is against the official implementation's recorded outputs in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from safetensors.torch import load_file, save_file
 
-from cheers.config import VAEConfig
+from cheers.checkpoint import config_to_official
+from cheers.config import VAEConfig, flavour
 from cheers.errors import CheckpointError, ConfigError, InputError
 from cheers.hf_io import load_checked
 from cheers.tokenizer.latent import LatentNorm, patchify, to_grid, to_tokens, unpatchify
@@ -323,6 +325,37 @@ def test_fit_statistics():
     assert bn.num_batches_tracked.item() == 2
     x = bn.normalize(torch.cat(batches))
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_pooled_rgb_latent():
+    """Channels 0-2 of the posterior are the 4x4-pooled pixels in [-1, 1], noise-free, so a
+    mix of two latents holds the mix of the two images there; the other channels and the
+    parameter layout are the plain encoder's."""
+    cfg = VAEConfig(ch=8, ch_mult=[1, 2, 4], num_res_blocks=1, decoder_ch=8, decoder_ch_mult=[1, 2, 4],
+                    decoder_num_res_blocks=0, z_channels=4, norm_groups=4, pooled_rgb_latent=True)
+    torch.manual_seed(0)
+    enc = VAEEncoder(cfg)
+    plain = VAEEncoder(VAEConfig(**{**cfg.__dict__, "pooled_rgb_latent": False}))
+    plain.load_state_dict(enc.state_dict())  # same parameters: checkpoints are interchangeable
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    m, ref = enc.moments(a), plain.moments(a)
+    assert m.shape == ref.shape == (2, 8, 8, 8)
+    pooled = a.unflatten(2, (8, 4)).unflatten(4, (8, 4)).mean(dim=(3, 5))  # [2, 3, 8, 8]
+    assert torch.allclose(m[:, :3], 2 * pooled - 1, atol=1e-6)
+    assert torch.equal(m[:, 4:7], torch.full_like(m[:, 4:7], -30.0))  # deterministic channels
+    assert torch.equal(m[:, 3], ref[:, 3]) and torch.equal(m[:, 7], ref[:, 7])
+    lam = 0.3
+    assert torch.allclose(lam * enc(a)[:, :3] + (1 - lam) * enc(b)[:, :3], enc(lam * a + (1 - lam) * b)[:, :3],
+                          atol=1e-6)
+    with pytest.raises(ConfigError, match="z_channels=2"):
+        VAEEncoder(VAEConfig(**{**cfg.__dict__, "z_channels": 2}))
+    assert flavour("shapes").tokenizer.vae.pooled_rgb_latent
+    assert not flavour("cheers-1.5b").tokenizer.vae.pooled_rgb_latent
+    debug = flavour("debug")
+    pooled = dataclasses.replace(debug.tokenizer.vae, pooled_rgb_latent=True)
+    with pytest.raises(CheckpointError, match="pooled_rgb_latent"):
+        config_to_official(dataclasses.replace(debug, tokenizer=dataclasses.replace(debug.tokenizer, vae=pooled)))
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ diffusers layouts to these.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -36,6 +37,7 @@ from .latent import LatentNorm
 # GroupNorm eps of every norm in the LDM / FLUX autoencoder (diffusers' Encoder/Decoder
 # hard-code the same value).
 _NORM_EPS = 1e-6
+_LOGVAR_MIN = -30.0  # the log-variance of a deterministic latent channel (the training clamp)
 
 
 def _check_widths(widths: list[int], groups: int, what: str) -> None:
@@ -110,6 +112,10 @@ class VAEEncoder(nn.Module):
                 non_linearity="silu",
             )
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, kernel_size=1)
+        self.pooled_rgb = cfg.pooled_rgb_latent
+        if self.pooled_rgb and (cfg.in_channels < 3 or cfg.z_channels < 3):
+            raise ConfigError(f"vae.pooled_rgb_latent needs 3 input and >= 3 latent channels, got "
+                              f"in_channels={cfg.in_channels}, z_channels={cfg.z_channels}")
 
     def init_weights(self) -> None:
         """Default init of every layer (used after a ``meta`` build and ``to_empty``)."""
@@ -118,7 +124,15 @@ class VAEEncoder(nn.Module):
     def moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, C, H, W]`` -> ``[B, 2z, H/8, W/8]``: posterior mean and log-variance."""
         _check_pixels(pixels, self.in_channels, self.downsample)
-        return self.quant_conv(self.net(pixels))
+        moments = self.quant_conv(self.net(pixels))
+        if not self.pooled_rgb:
+            return moments
+        # channels 0-2: the pooled pixels, centred and scaled to [-1, 1], with no noise
+        rgb = 2.0 * F.avg_pool2d(pixels[:, :3], self.downsample) - 1.0  # [B, 3, H/f, W/f]
+        z = self.z_channels
+        rgb = rgb.to(moments.dtype)
+        return torch.cat([rgb, moments[:, 3:z], torch.full_like(rgb, _LOGVAR_MIN),
+                          moments[:, z + 3:]], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, C, H, W]`` in [0, 1] -> posterior mean ``z [B, z, H/8, W/8]``."""

@@ -12,6 +12,13 @@ The time embedding reads ``1000 t`` (``head.time_scale``): with t as is most of 
 are flat over [0, 1] (measured: flow loss 1.08 against 1.26 after 400 steps).
 The demo pretrains the semantic encoder on dense patch labels and keeps it frozen
 (``cheers.shapes.semantic``), as the released model starts from SigLIP2.
+Three of the VAE's four latent channels are the image's RGB, average-pooled to the latent grid
+(``vae.pooled_rgb_latent``); the fourth is learned. A learned latent put colour in its norm:
+halfway from the background to a red circle decoded green, then black, so every
+half-confident prediction changed hue (generated blobs came out green, black and purple
+whatever the prompt said). With the pooled channels a mix of latents decodes to the mix of
+the images (measured after 500 steps of text-to-image training from the same start: 0.55
+of the foreground pixels in the prompt's colour, against 0.27).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ def shapes_flavour() -> ModelConfig:
         tokenizer=TokenizerConfig(
             image_size=64,
             vae=VAEConfig(ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, decoder_ch=16, decoder_ch_mult=[1, 2, 4],
-                          decoder_num_res_blocks=0, z_channels=4, norm_groups=8),
+                          decoder_num_res_blocks=0, z_channels=4, norm_groups=8, pooled_rgb_latent=True),
             siglip=SiglipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 patch_size=8, image_size=64, use_head=False),
             compressor_hidden=256,
