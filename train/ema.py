@@ -9,7 +9,10 @@ from .optim import clean_name
 
 
 class EMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` after every optimiser step.
+    """``shadow = d * shadow + (1 - d) * param`` after optimiser step ``n`` (1, 2, ...), with the
+    warm-up ``d = min(decay, (1 + n) / (10 + n))``: without it a short run keeps
+    ``decay ** n`` of the initial weights (the shapes demo's first 377 steps at 0.995: 15% of
+    a random head, and the averaged model predicted worse than zero).
 
     Shadows are kept for trainable parameters only (frozen ones never move), in the
     parameters' own dtype and layout: under FSDP2 each rank holds the EMA of its shard,
@@ -22,10 +25,15 @@ class EMA:
         self.params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update after optimiser step ``step`` (1-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
         for name, param in self.params.items():
-            self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+            self.shadow[name].lerp_(param.detach(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow tensors themselves (``torch.distributed.checkpoint`` loads in place)."""

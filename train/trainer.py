@@ -344,7 +344,7 @@ class Trainer:
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update()
+                self.ema.update(self.step + 1)
         else:
             log.warning("step %d: gradient norm %s, update skipped", self.step + 1, grad_norm.item())
         self.optimizer.zero_grad(set_to_none=True)
