@@ -336,7 +336,7 @@ def test_pooled_rgb_latent():
                     decoder_num_res_blocks=0, z_channels=4, norm_groups=4, pooled_rgb_latent=True)
     torch.manual_seed(0)
     enc = VAEEncoder(cfg)
-    plain = VAEEncoder(VAEConfig(**{**cfg.__dict__, "pooled_rgb_latent": False}))
+    plain = VAEEncoder(dataclasses.replace(cfg, pooled_rgb_latent=False))
     plain.load_state_dict(enc.state_dict())  # same parameters: checkpoints are interchangeable
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     m, ref = enc.moments(a), plain.moments(a)
@@ -349,7 +349,7 @@ def test_pooled_rgb_latent():
     assert torch.allclose(lam * enc(a)[:, :3] + (1 - lam) * enc(b)[:, :3], enc(lam * a + (1 - lam) * b)[:, :3],
                           atol=1e-6)
     with pytest.raises(ConfigError, match="z_channels=2"):
-        VAEEncoder(VAEConfig(**{**cfg.__dict__, "z_channels": 2}))
+        VAEEncoder(dataclasses.replace(cfg, z_channels=2))
     assert flavour("shapes").tokenizer.vae.pooled_rgb_latent
     assert not flavour("cheers-1.5b").tokenizer.vae.pooled_rgb_latent
     debug = flavour("debug")
