@@ -373,6 +373,10 @@ def test_schedules_and_param_groups():
     t.schedule = "cosine"
     assert lr_at(10, t) == pytest.approx(1.0) and lr_at(99, t) == pytest.approx(0.1)
     assert lr_at(54, t) == pytest.approx(0.1 + 0.9 * 0.5, abs=0.02)
+    # a time budget moves the decay on, never the warm-up: that counts optimiser steps
+    assert lr_at(0, t, time_frac=0.5) == pytest.approx(0.1) and lr_at(9, t, time_frac=0.5) == pytest.approx(1.0)
+    assert lr_at(10, t, time_frac=0.99) == pytest.approx(lr_at(99, t)) == pytest.approx(0.1)
+    assert lr_at(60, t, time_frac=0.2) == pytest.approx(lr_at(60, t))
     t.schedule = "constant"
     assert lr_at(99, t) == 1.0
     model = ToyModel(cfg.model)

@@ -116,8 +116,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     """Learning rate of optimiser step ``step`` (0-based).
 
-    ``time_frac`` (the spent fraction of ``max_seconds``) moves the schedule on as if
-    ``time_frac * steps`` steps had been taken, when that is further than ``step``.
+    ``time_frac`` (the spent fraction of ``max_seconds``) moves the decay on as if
+    ``time_frac * steps`` steps had been taken, when that is further than ``step``. The
+    warm-up always counts optimiser steps: it steadies Adam's first moments, and a
+    time-budgeted run of 4,000 nominal steps would otherwise leave it after 1% of the time
+    (4 steps of the shapes demo; its first curriculum phase then never used the prompt).
 
     Linear warm-up over ``cfg.warmup`` steps (the first step gets lr / warmup), then:
     ``constant``; ``cosine`` down to ``lr * min_lr_ratio`` at the last step; ``wsd``
@@ -125,9 +128,9 @@ def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     down to ``lr * min_lr_ratio``.
     """
     warmup, total, floor = cfg.warmup, cfg.steps, cfg.min_lr_ratio
-    step = max(step, int(time_frac * total))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
+    step = max(step, int(time_frac * total))
     if cfg.schedule == "constant":
         factor = 1.0
     elif cfg.schedule == "cosine":

@@ -18,8 +18,9 @@ halfway from the background to a red circle decoded green, then black, so every
 half-confident prediction changed hue (generated blobs came out green, black and purple
 whatever the prompt said). With the pooled channels a mix of latents decodes to the mix of
 the images (measured after 500 steps of text-to-image training from the same start: 0.55
-of the foreground pixels in the prompt's colour, against 0.27). The 15-minute demo still
-ignores the prompt (benchmarks/RESULTS.md, session 4).
+of the foreground pixels in the prompt's colour, against 0.27). The 15-minute demo used the
+prompt only once its learning-rate warm-up counted optimiser steps rather than wall-clock time
+(benchmarks/RESULTS.md, session 5); its images are still far from the issue's floors.
 """
 
 from __future__ import annotations
