@@ -27,14 +27,21 @@ def _unit_hash(key: str) -> float:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def _turns(conversations: list[dict]) -> tuple[str, str]:
-    """First (question, answer) pair of LLaVA-style (``from/value``) or chat-style (``role/content``) turns."""
-    texts = [(t.get("from") or t.get("role"), t.get("value", t.get("content", ""))) for t in conversations]
-    q = next((v for r, v in texts if r in ("human", "user")), None)
-    a = next((v for r, v in texts if r in ("gpt", "assistant")), None)
-    if q is None or a is None:
+def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of LLaVA-style (``from/value``) or chat-style
+    (``role/content``) turns, in order; system turns are skipped, and a user turn without a
+    reply ends the chat."""
+    pairs, question = [], None
+    for t in conversations:
+        role, value = t.get("from") or t.get("role"), t.get("value", t.get("content", ""))
+        if role in ("human", "user"):
+            question = value.replace("<image>", "").strip()
+        elif role in ("gpt", "assistant") and question is not None:
+            pairs.append((question, value.strip()))
+            question = None
+    if not pairs:
         raise InputError(f"conversations lack a user/assistant pair: {conversations!r}")
-    return q.replace("<image>", "").strip(), a.strip()
+    return pairs
 
 
 class Collator:
@@ -58,8 +65,7 @@ class Collator:
                 ids, labels = null_prompt(ids, cfg), [IGNORE] * len(labels)
             return expand_placeholders(ids, labels, cfg, [sample.image], [True])
         if sample.task == "i2t":
-            question, answer = _turns(sample.conversations)
-            ids, labels = tok.i2t_sample(question, answer, policy=self.policy)
+            ids, labels = tok.i2t_chat_sample(_turns(sample.conversations), policy=self.policy)
             return expand_placeholders(ids, labels, cfg, [sample.image], [False])
         if sample.task == "text":
             ids, labels = tok.text_sample(sample.text)

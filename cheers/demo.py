@@ -71,17 +71,19 @@ def train_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 
     return train_bpe(corpus, vocab_size=vocab_size)
 
 
-def prepare(out: Path, n_train: int, seed: int, log) -> tuple[Path, Path]:
-    """Shards and tokenizer; returns (shard dir, tokenizer dir)."""
+def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1) -> tuple[Path, Path]:
+    """Shards (``i2t_turns`` questions per understanding sample) and tokenizer; returns
+    (shard dir, tokenizer dir)."""
     from cheers.shapes.dataset import write_shards
 
     data = out / "data"
     if not (data / "manifest.json").is_file():
-        write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000)
+        write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000,
+                     i2t_turns=i2t_turns)
     easy = out / "data-easy"
     if not (easy / "manifest.json").is_file():  # one- and two-object scenes: the curriculum's start
         write_shards(str(easy), n_samples=n_train // 3, seed=seed + 50, image_size=64, samples_per_shard=2000,
-                     kinds=("single", "two"))
+                     kinds=("single", "two"), i2t_turns=i2t_turns)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows
@@ -259,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-questions", type=int, default=100, help="MMBench questions (before rotations)")
     ap.add_argument("--curriculum", type=float, default=0.35,
                     help="fraction of the training time spent on one- and two-object scenes first (0: none)")
+    ap.add_argument("--i2t-turns", type=int, default=3,
+                    help="questions per understanding sample: every answer is a training target for the cost "
+                         "of one image through the vision tokenizer")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"[{budget.elapsed() / 60:5.1f} min] {msg}")
         tqdm.write(lines[-1])
 
-    data, tok_dir = prepare(out, args.samples, args.seed, log)
+    data, tok_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns)
     # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
     # against 0.34 after the 1,000 steps of 5%)
     init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,

@@ -130,10 +130,29 @@ class TextTokenizer:
 
     def i2t_sample(self, question: str, answer: str, system: str | None = DEFAULT_SYSTEM,
                    policy: str = "assistant") -> tuple[list[int], list[int]]:
-        prompt = self.i2t_prompt(question, 1, system)
-        context, opener = prompt[: -len(self.assistant_open())], self.assistant_open()
-        reply = opener + self.encode(answer) + [self.special.eos] + self.newline
-        return context + reply, self.labels(context, reply, policy)
+        return self.i2t_chat_sample([(question, answer)], system, policy)
+
+    def i2t_chat_sample(self, turns: list[tuple[str, str]], system: str | None = DEFAULT_SYSTEM,
+                        policy: str = "assistant") -> tuple[list[int], list[int]]:
+        """(ids, per-position labels) of a chat about one image: (question, answer) ``turns``,
+        the image opening the first user turn (as ``i2t_prompt`` lays it out); every answer is
+        labelled."""
+        if not turns:
+            raise InputError("a chat sample needs at least one (question, answer) turn")
+        ids: list[int] = []
+        labels: list[int] = []
+        context = self.system(system)
+        images = self.image_block(UND_PLACEHOLDER) + self.newline
+        for question, answer in turns:
+            if not question.strip():
+                raise InputError("a question of the chat is empty")
+            context += self.turn("user", images + self.encode(question))
+            images = []
+            reply = self.assistant_open() + self.encode(answer) + [self.special.eos] + self.newline
+            ids += context + reply
+            labels += self.labels(context, reply, policy)
+            context = []
+        return ids, labels
 
     def text_sample(self, text: str) -> tuple[list[int], list[int]]:
         ids = self.encode(text) + [self.special.eos]

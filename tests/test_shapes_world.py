@@ -335,6 +335,20 @@ def test_shards_schema_and_determinism(tmp_path):
         dataset.write_shards(str(tmp_path / "e"), 5, mix={"video": 1.0})
 
 
+def test_chat_samples_ask_distinct_questions():
+    for i in range(40):
+        one, _ = dataset.make_sample("i2t", np.random.default_rng([5, i]))
+        rec, img = dataset.make_sample("i2t", np.random.default_rng([5, i]), i2t_turns=3)
+        conv = rec["conversations"]
+        assert conv[:2] == one["conversations"]  # the first turn is the single-turn sample's
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and 2 <= len(conv) // 2 <= 3
+        questions = [t["value"] for t in conv[::2]]
+        assert len(set(questions)) == len(questions) and all(t["value"] for t in conv[1::2])
+        assert questions[0].startswith("<image>\n") and not any("<image>" in q for q in questions[1:])
+    with pytest.raises(InputError, match="i2t_turns"):
+        dataset.make_sample("i2t", np.random.default_rng(0), i2t_turns=0)
+
+
 def test_mmbench_tsv_and_rotations(tmp_path):
     path = str(tmp_path / "shapes_mmbench.tsv")
     rows = dataset.write_mmbench_tsv(path, 25, seed=12)

@@ -78,3 +78,29 @@ def test_tokenizer_without_special_tokens_is_refused(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable tokenizer.json"):
         TextTokenizer.from_dir(tmp_path)
+
+
+def test_chat_sample_lays_out_every_turn_and_labels_every_answer(fixture_tokenizer):
+    tok = fixture_tokenizer
+    (q1, a1), (q2, a2) = (words([108, 109]), words([140])), (words([110, 111]), words([141, 142]))
+    reply_end = [tok.special.eos] + tok.newline
+    # one turn: the understanding prompt, then the answer, labelled alone
+    ids, labels = tok.i2t_chat_sample([(q1, a1)], system=SYSTEM)
+    prompt = tok.i2t_prompt(q1, 1, system=SYSTEM)
+    assert ids == prompt + [140] + reply_end and (ids, labels) == tok.i2t_sample(q1, a1, system=SYSTEM)
+    context = len(prompt) - len(tok.assistant_open())
+    assert labels == [IGNORE] * context + ids[context:]
+    # two turns: the second prompt is the chat-history prompt, and both answers are targets
+    ids, labels = tok.i2t_chat_sample([(q1, a1), (q2, a2)], system=SYSTEM)
+    prompt2 = tok.i2t_prompt(q2, 1, system=SYSTEM, history=[(q1, a1)])
+    assert ids == prompt2 + [141, 142] + reply_end
+    labelled = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert labelled == tok.assistant_open() + [140] + reply_end + tok.assistant_open() + [141, 142] + reply_end
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
+    # the official policy also keeps the special tokens of the user turns
+    _, official = tok.i2t_chat_sample([(q1, a1), (q2, a2)], system=SYSTEM, policy="official")
+    assert sum(lab != IGNORE for lab in official) > len(labelled)
+    with pytest.raises(InputError, match="at least one"):
+        tok.i2t_chat_sample([], system=SYSTEM)
+    with pytest.raises(InputError, match="empty"):
+        tok.i2t_chat_sample([(q1, a1), (" ", a2)], system=SYSTEM)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from cheers.cli import main as cli_main
-from cheers.collate import Collator
+from cheers.collate import Collator, _turns
 from cheers.config import flavour
+from cheers.errors import InputError
 from cheers.pipeline import Pipeline
+from cheers.sequence import IGNORE
 from cheers.shapes.dataset import write_shards
 from cheers.text_tokenizer import train_bpe
 from cheers.train.data import RawSample
@@ -36,6 +39,27 @@ def test_collate_builds_mixed_batches(tmp_path):
     assert (batch.image_index >= 0).sum() == 2 * cfg.tokens_per_image
     dropped = Collator(cfg, tok, cfg_drop_rate=1.0)(samples[:1])
     assert (dropped.input_ids == cfg.tokens.no_mean).sum() > 5  # the prompt became the null prompt
+
+
+def test_collate_keeps_every_turn_of_a_chat(tmp_path):
+    """LLaVA-style chats: every (question, answer) pair becomes a turn with a labelled answer."""
+    cfg = flavour("debug")
+    tok = _tokenizer(tmp_path)
+    img = torch.rand(3, 64, 64)
+    chat = [{"from": "system", "value": "ignored"},
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},
+            {"role": "user", "content": "What shape?"}, {"role": "assistant", "content": "circle"},
+            {"from": "human", "value": "left unanswered"}]
+    assert _turns(chat) == [("What colour?", "red"), ("What shape?", "circle")]
+    collate = Collator(cfg, tok, cfg_drop_rate=0.0)
+    both = collate([RawSample("b", "i2t", "", chat, img)])
+    first = collate([RawSample("b", "i2t", "", chat[:3], img)])
+    assert both.num_images == first.num_images == 1
+    targets = both.targets[both.targets != IGNORE].tolist()
+    assert targets[: int((first.targets != IGNORE).sum())] == first.targets[first.targets != IGNORE].tolist()
+    assert tok.decode(targets).count("circle") == 1 and tok.decode(targets).count("red") == 1
+    with pytest.raises(InputError, match="lack a user/assistant pair"):
+        collate([RawSample("c", "i2t", "", [{"from": "gpt", "value": "red"}], img)])
 
 
 def test_train_export_and_generate(tmp_path):

@@ -78,14 +78,28 @@ def _task_schedule(n: int, mix: Mapping[str, float]) -> list[str]:
     return out
 
 
+def _i2t_exchange(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """One question about ``scene`` and its answer: an MMBench-style multiple choice answered
+    by its letter (60%), or a short open question."""
+    if rng.random() < 0.6:
+        qs = mmbench_questions(scene, rng)
+        q = qs[int(rng.integers(len(qs)))]
+        style = "llava" if rng.random() < 0.7 else "vlmevalkit"
+        return format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style), q["answer"]
+    return open_question(scene, rng)
+
+
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
-                kinds: Sequence[str] | None = None) -> tuple[dict, np.ndarray | None]:
+                kinds: Sequence[str] | None = None, i2t_turns: int = 1) -> tuple[dict, np.ndarray | None]:
     """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
 
-    t2i: ``text`` is the caption. i2t: one human/gpt exchange in ``conversations`` (an
-    MMBench-style multiple choice answered by its letter, or a short open question),
-    ``text`` the scene's caption. text: ``text`` only, ``width = height = 0``.
+    t2i: ``text`` is the caption. i2t: ``i2t_turns`` human/gpt exchanges about the image in
+    ``conversations`` (each an MMBench-style multiple choice answered by its letter, or a short
+    open question; no question twice), ``text`` the scene's caption. text: ``text`` only,
+    ``width = height = 0``.
     """
+    if i2t_turns < 1:
+        raise InputError(f"i2t_turns={i2t_turns}; must be >= 1")
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
     kind = None if kinds is None else str(rng.choice(list(kinds)))
@@ -94,18 +108,19 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
     record = {"task": task, "text": caption(scene, rng),
               "width": scene.width, "height": scene.height}
     if task == "i2t":
-        if rng.random() < 0.6:
-            qs = mmbench_questions(scene, rng)
-            q = qs[int(rng.integers(len(qs)))]
-            style = "llava" if rng.random() < 0.7 else "vlmevalkit"
-            prompt = format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style)
-            answer = q["answer"]
-        else:
-            prompt, answer = open_question(scene, rng)
-        record["conversations"] = [
-            {"from": "human", "value": "<image>\n" + prompt},
-            {"from": "gpt", "value": answer},
-        ]
+        exchanges: list[tuple[str, str]] = []
+        for _ in range(4 * i2t_turns):  # a scene with few distinct questions may give fewer turns
+            prompt, answer = _i2t_exchange(scene, rng)
+            if all(prompt != p for p, _ in exchanges):
+                exchanges.append((prompt, answer))
+            if len(exchanges) == i2t_turns:
+                break
+        record["conversations"] = []
+        for k, (prompt, answer) in enumerate(exchanges):
+            record["conversations"] += [
+                {"from": "human", "value": ("<image>\n" if k == 0 else "") + prompt},
+                {"from": "gpt", "value": answer},
+            ]
     elif task != "t2i":
         raise InputError(f"unknown task {task!r}; expected one of {TASKS}")
     return record, image
@@ -113,11 +128,11 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
 
 def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
                  mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
-                 kinds: Sequence[str] | None = None) -> list[str]:
+                 kinds: Sequence[str] | None = None, i2t_turns: int = 1) -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
 
     ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
-    for the first phase of a curriculum.
+    for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample.
 
     Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
     ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
@@ -134,7 +149,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         path = os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar")
         with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
             for i in range(start, min(start + samples_per_shard, n_samples)):
-                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds)
+                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds, i2t_turns)
                 sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
                 if image is not None:
                     sample["png"] = png_bytes(image)
@@ -143,7 +158,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
     manifest = {
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
-        "kinds": list(kinds) if kinds is not None else None,
+        "kinds": list(kinds) if kinds is not None else None, "i2t_turns": i2t_turns,
         "shards": [os.path.basename(p) for p in paths],
         "tasks": {t: tasks.count(t) for t in TASKS},
     }
