@@ -20,7 +20,7 @@ from cheers.config import VAEConfig, flavour
 from cheers.errors import CheckpointError, ConfigError, InputError
 from cheers.hf_io import load_checked
 from cheers.tokenizer.latent import LatentNorm, patchify, to_grid, to_tokens, unpatchify
-from cheers.tokenizer.vae import VAE, NearestUpsampleConv, PixelDecoder, VAEDecoder, VAEEncoder
+from cheers.tokenizer.vae import VAE, PixelDecoder, VAEDecoder, VAEEncoder
 from cheers.tokenizer.vae_keys import (
     OFFICIAL_PIXEL_DECODER_PREFIX,
     OFFICIAL_VAE_PREFIX,
@@ -412,16 +412,3 @@ def test_bad_images_named(official, loaded):
         vae.encode(torch.rand(3, 64, 64))
     with pytest.raises(InputError, match=r"\(1, 8, 4, 4\)"):
         vae.decode(torch.randn(1, 8, 4, 4))
-
-
-def test_fast_upsampler_matches_diffusers():
-    from diffusers.models.upsampling import Upsample2D
-
-    torch.manual_seed(0)
-    ref = Upsample2D(8, use_conv=True, out_channels=8)
-    x = torch.randn(3, 8, 5, 7)
-    assert torch.equal(NearestUpsampleConv(ref.conv)(x), ref(x))
-    decoder = VAEDecoder(VAEConfig(ch=8, ch_mult=[1, 2, 2], decoder_ch=8, decoder_ch_mult=[1, 2, 2], z_channels=4,
-                                   norm_groups=4, num_res_blocks=1, decoder_num_res_blocks=0))
-    assert not any(isinstance(m, Upsample2D) for m in decoder.modules())
-    assert "net.up_blocks.0.upsamplers.0.conv.weight" in decoder.state_dict()  # the official key layout

@@ -139,22 +139,6 @@ class VAEEncoder(nn.Module):
         return self.moments(pixels)[:, : self.z_channels]  # [B, z, H/8, W/8]
 
 
-class NearestUpsampleConv(nn.Module):
-    """2x nearest-neighbour upsampling, then ``conv``: what diffusers' ``Upsample2D`` computes
-    in the LDM decoder, with the same ``conv`` parameter. The upsampling is a broadcast copy:
-    ``F.interpolate(mode="nearest")`` took 8-11 ms per call at the shapes decoder's sizes on
-    a 2-core CPU, the copy 1-2 ms (the pixel decoder runs on every training image)."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
-        return self.conv(x)
-
-
 class VAEDecoder(nn.Module):
     """``post_quant_conv`` + LDM decoder: ``forward(z [B, z, h, w]) -> pixels [B, out, 8h, 8w]``.
 
@@ -180,9 +164,6 @@ class VAEDecoder(nn.Module):
             act_fn="silu",
             mid_block_add_attention=True,
         )
-        for block in self.net.up_blocks:
-            if block.upsamplers is not None:
-                block.upsamplers = nn.ModuleList([NearestUpsampleConv(u.conv) for u in block.upsamplers])
 
     def init_weights(self) -> None:
         """Default init of every layer (used after a ``meta`` build and ``to_empty``)."""
