@@ -76,6 +76,12 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1) -> tupl
     (shard dir, tokenizer dir)."""
     from cheers.shapes.dataset import write_shards
 
+    for folder in (out / "data", out / "data-easy"):
+        manifest = folder / "manifest.json"
+        written = json.loads(manifest.read_text()).get("i2t_turns", 1) if manifest.is_file() else i2t_turns
+        if written != i2t_turns:
+            raise CheersError(f"{folder} holds shards written with --i2t-turns {written}, not {i2t_turns}: "
+                              f"use another --out, or --i2t-turns {written}")
     data = out / "data"
     if not (data / "manifest.json").is_file():
         write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000,

@@ -100,3 +100,12 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     # the cached checkpoint makes `cheers generate` work with no --ckpt
     cli_main(["generate", "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "gen")])
     assert (tmp_path / "gen" / "00000.png").is_file()
+
+
+def test_demo_refuses_shards_written_with_other_turns(tmp_path):
+    from cheers.demo import prepare
+    from cheers.errors import CheersError
+
+    write_shards(str(tmp_path / "data"), n_samples=4, seed=0, image_size=64, i2t_turns=1)
+    with pytest.raises(CheersError, match="written with --i2t-turns 1, not 3"):
+        prepare(tmp_path, 4, 0, print, i2t_turns=3)
