@@ -76,20 +76,16 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1) -> tupl
     (shard dir, tokenizer dir)."""
     from cheers.shapes.dataset import write_shards
 
-    for folder in (out / "data", out / "data-easy"):
+    data, easy = out / "data", out / "data-easy"
+    # all scenes; then one- and two-object scenes, the curriculum's start
+    for folder, n, kinds, offset in ((data, n_train, None, 0), (easy, n_train // 3, ("single", "two"), 50)):
         manifest = folder / "manifest.json"
-        written = json.loads(manifest.read_text()).get("i2t_turns", 1) if manifest.is_file() else i2t_turns
-        if written != i2t_turns:
+        if not manifest.is_file():
+            write_shards(str(folder), n_samples=n, seed=seed + offset, image_size=64, samples_per_shard=2000,
+                         kinds=kinds, i2t_turns=i2t_turns)
+        elif (written := json.loads(manifest.read_text()).get("i2t_turns", 1)) != i2t_turns:
             raise CheersError(f"{folder} holds shards written with --i2t-turns {written}, not {i2t_turns}: "
                               f"use another --out, or --i2t-turns {written}")
-    data = out / "data"
-    if not (data / "manifest.json").is_file():
-        write_shards(str(data), n_samples=n_train, seed=seed, image_size=64, samples_per_shard=2000,
-                     i2t_turns=i2t_turns)
-    easy = out / "data-easy"
-    if not (easy / "manifest.json").is_file():  # one- and two-object scenes: the curriculum's start
-        write_shards(str(easy), n_samples=n_train // 3, seed=seed + 50, image_size=64, samples_per_shard=2000,
-                     kinds=("single", "two"), i2t_turns=i2t_turns)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows

@@ -93,16 +93,9 @@ class TextTokenizer:
                    history: list[tuple[str, str]] | None = None) -> list[int]:
         """Understanding prompt. The images open the first user turn; ``history`` holds earlier
         (question, answer) turns of a chat."""
-        if not question.strip():
-            raise InputError("the question is empty")
-        images: list[int] = []
-        for _ in range(n_images):
-            images += self.image_block(UND_PLACEHOLDER) + self.newline
-        ids = self.system(system)
-        for q, a in history or []:
-            ids += self.turn("user", images + self.encode(q)) + self.turn("assistant", self.encode(a))
-            images = []
-        return ids + self.turn("user", images + self.encode(question)) + self.assistant_open()
+        # the chat with an empty last answer, less that answer's closing: the assistant turn open
+        ids, _ = self.i2t_chat_sample([*(history or []), (question, "")], system, n_images=n_images)
+        return ids[: -(1 + len(self.newline))]
 
     # ------------------------------------------------------------------ training samples
 
@@ -133,19 +126,19 @@ class TextTokenizer:
         return self.i2t_chat_sample([(question, answer)], system, policy)
 
     def i2t_chat_sample(self, turns: list[tuple[str, str]], system: str | None = DEFAULT_SYSTEM,
-                        policy: str = "assistant") -> tuple[list[int], list[int]]:
-        """(ids, per-position labels) of a chat about one image: (question, answer) ``turns``,
-        the image opening the first user turn (as ``i2t_prompt`` lays it out); every answer is
-        labelled."""
+                        policy: str = "assistant", n_images: int = 1) -> tuple[list[int], list[int]]:
+        """(ids, per-position labels) of a chat about ``n_images`` images: (question, answer)
+        ``turns``, the images opening the first user turn; every answer is labelled."""
         if not turns:
             raise InputError("a chat sample needs at least one (question, answer) turn")
         ids: list[int] = []
         labels: list[int] = []
         context = self.system(system)
-        images = self.image_block(UND_PLACEHOLDER) + self.newline
-        for question, answer in turns:
+        images = (self.image_block(UND_PLACEHOLDER) + self.newline) * n_images
+        for k, (question, answer) in enumerate(turns):
             if not question.strip():
-                raise InputError("a question of the chat is empty")
+                which = "the question" if len(turns) == 1 else f"question {k + 1} of the chat"
+                raise InputError(f"{which} is empty")
             context += self.turn("user", images + self.encode(question))
             images = []
             reply = self.assistant_open() + self.encode(answer) + [self.special.eos] + self.newline
