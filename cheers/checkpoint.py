@@ -103,6 +103,11 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.head.time_scale != 1.0:
         raise CheckpointError(f"head.time_scale={cfg.head.time_scale} (a shapes-world option) has no place in "
                               "the official layout: the released model embeds t in [0, 1] as is")
+    for name, on in (("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm),
+                     ("head.latent_to_stage_b", cfg.head.latent_to_stage_b)):
+        if on:
+            raise CheckpointError(f"{name} (a shapes-world option) has no place in the official layout: "
+                                  "the released model reads xt only through its pixel decoder and SigLIP2")
     if cfg.tokenizer.vae.pooled_rgb_latent:
         raise CheckpointError("tokenizer.vae.pooled_rgb_latent (a shapes-world option) has no place in the "
                               "official layout: the released VAE's latent channels are all learned")

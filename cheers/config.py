@@ -123,6 +123,10 @@ class TokenizerConfig:
     # A model trained from scratch otherwise grows the image tokens without bound (RMS
     # 0.07 -> 19 in the shapes demo) until they drown the prompt in the residual stream.
     compressor_out_rms: float | None = None
+    # Add a trainable linear map of each LLM token's 2x2 latent cells to its compressor output
+    # (not in the released model, whose LLM sees xt only through the frozen pixel decoder and
+    # SigLIP2; the shapes flavour's tiny frozen encoder hides the faint structure of noisy xt)
+    latent_to_llm: bool = False
 
 
 @dataclass(kw_only=True)
@@ -143,6 +147,9 @@ class FlowHeadConfig:
     # the sinusoid reads t * time_scale; the released model uses t in [0, 1] as is, which leaves
     # most of its 128 frequencies (1e-4 .. 1 rad per unit t) nearly constant over [0, 1]
     time_scale: float = 1.0
+    # Add a trainable linear map of xt to stage B's input at every latent cell, after the gate
+    # (not in the released model, whose stage B sees xt only as SigLIP patch embeddings)
+    latent_to_stage_b: bool = False
     # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
     # "raster": 0..N-1.
     stage_b_positions: Literal["official", "raster"] = "official"

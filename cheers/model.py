@@ -65,7 +65,7 @@ class CheersModel(nn.Module):
         came out oversaturated, an orange star as yellow). The released model predicts the
         velocity.
         """
-        out = self.head(hidden, t, patch_embeds)  # [I, G*G, C]
+        out = self.head(hidden, t, patch_embeds, xt)  # [I, G*G, C]
         g = self.cfg.latent_grid
         out = rearrange(out, "i (h w) c -> i c h w", h=g, w=g)
         if self.cfg.transport.prediction == "x1":
@@ -171,4 +171,6 @@ class CheersModel(nn.Module):
         dtype = next(self.head.parameters()).dtype
         hidden = torch.zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size, device=device, dtype=dtype)
         detail = torch.zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size, device=device, dtype=dtype)
-        return self.head(hidden, torch.ones(1, device=device), detail).sum() * 0.0
+        g, c = cfg.latent_grid, cfg.tokenizer.vae.latent_channels
+        xt = torch.zeros(1, c, g, g, device=device, dtype=dtype)
+        return self.head(hidden, torch.ones(1, device=device), detail, xt).sum() * 0.0

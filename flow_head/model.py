@@ -5,6 +5,7 @@ The head predicts only; time sampling, targets and sampling live in ``transport.
     hidden [B, N, D_llm] (LLM states at the N image tokens, 16x16 at 512 px)
       -> stage A (DiT, width D_llm)           -> [B, N, 4 D_sig] -> pixel shuffle -> Z [B, 4N, D_sig]
       -> gate: Z' = LN(Z + g(Z) * S)          (S: SigLIP patch embeddings of the pixel-decoded xt)
+      (``latent_to_stage_b``: Z' += a linear map of xt at each latent cell, C_latent -> D_sig)
       -> stage B (DiT, width D_sig)           -> [B, 4N, C_latent] (velocity per latent cell)
 """
 
@@ -15,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from cheers.config import ModelConfig
+from cheers.errors import InputError
 from cheers.flow_head.dit import DiTStage
 from cheers.flow_head.transport import timestep_frequencies
 
@@ -82,6 +84,7 @@ class CascadedFlowHead(nn.Module):
                                 depth=hc.stage_b_blocks, heads=hc.stage_b_heads,
                                 kv_heads=hc.stage_b_kv_heads, mlp_ratio=hc.mlp_ratio,
                                 eps=hc.norm_eps, rope_theta=hc.rope_theta)
+        self.latent_in = nn.Linear(cfg.tokenizer.vae.latent_channels, d_sig) if hc.latent_to_stage_b else None
 
     def positions_b(self, n: int, device) -> torch.Tensor:
         if self.stage_b_positions == "official":
@@ -90,11 +93,12 @@ class CascadedFlowHead(nn.Module):
         return torch.arange(n, device=device)
 
     def forward(self, hidden: torch.Tensor, t: torch.Tensor, detail: torch.Tensor,
-                return_intermediates: bool = False):
+                xt: torch.Tensor | None = None, return_intermediates: bool = False):
         """Predict the head output per latent cell.
 
         hidden [B, N, D_llm] image-token states (raster over the N = (G/2)^2 LLM grid),
-        t [B] in [0, 1], detail [B, G*G, D_sig] SigLIP patch embeddings of the decoded xt.
+        t [B] in [0, 1], detail [B, G*G, D_sig] SigLIP patch embeddings of the decoded xt,
+        xt [B, C_latent, G, G] (read only with ``latent_to_stage_b``).
         Returns [B, G*G, C_latent] (raster, channels last).
         """
         g2 = self.grid // 2
@@ -103,6 +107,10 @@ class CascadedFlowHead(nn.Module):
         # each LLM token (gi, gj) carries a 2x2 block of SigLIP cells laid out [py][px][D]
         low = rearrange(a_out, "b (gi gj) (py px d) -> b (gi py gj px) d", gi=g2, py=2, px=2)
         gated = self.gate(low, detail)
+        if self.latent_in is not None:
+            if xt is None:
+                raise InputError("head.latent_to_stage_b is on: the head needs xt")
+            gated = gated + self.latent_in(rearrange(xt, "b c h w -> b (h w) c").to(gated.dtype))
         out = self.stage_b(gated, temb_b, self.positions_b(gated.shape[1], gated.device))
         if return_intermediates:
             return out, {"stage_a": a_out, "gate": gated, "temb_a": temb_a, "temb_b": temb_b}
@@ -121,4 +129,7 @@ class CascadedFlowHead(nn.Module):
         self.stage_a.init_weights(std, zero_output=False)
         self.stage_b.init_weights(std)
         self.gate.init_weights(std)
+        if self.latent_in is not None:
+            nn.init.normal_(self.latent_in.weight, std=std)
+            nn.init.zeros_(self.latent_in.bias)
 

@@ -214,3 +214,53 @@ def test_time_scale_multiplies_t_and_stays_out_of_the_official_layout():
     cfg = flavour("debug")
     with pytest.raises(CheckpointError, match="time_scale"):
         config_to_official(dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, time_scale=1000.0)))
+
+
+def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layout():
+    """``tokenizer.latent_to_llm`` adds a linear map of each LLM token's own 2x2 latent cells;
+    ``head.latent_to_stage_b`` adds one of each cell of xt to stage B's input. Both are
+    shapes-world options that the official layout refuses."""
+    import dataclasses
+
+    from cheers.checkpoint import config_to_official
+    from cheers.errors import CheckpointError
+
+    base = flavour("debug")
+    cfg = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, latent_to_llm=True),
+                              head=dataclasses.replace(base.head, latent_to_stage_b=True))
+    torch.manual_seed(0)
+    model = CheersModel(cfg).eval()
+    model.init_weights()
+    g, c = cfg.latent_grid, cfg.tokenizer.vae.latent_channels
+    xt = torch.randn(2, c, g, g)
+    tok = model.tokenizer
+    with torch.no_grad():
+        tok.latent_proj.weight.zero_()
+        tok.latent_proj.bias.zero_()
+        plain, _ = tok(xt)
+        # output unit 0 reads input (py=1, px=0, channel 2): row 2 gi + 1, column 2 gj
+        tok.latent_proj.weight[0, (1 * 2 + 0) * c + 2] = 1.0
+        tokens, _ = tok(xt)
+    shortcut = (tokens - plain)[..., 0].reshape(2, g // 2, g // 2)
+    torch.testing.assert_close(shortcut, xt[:, 2, 1::2, 0::2])
+    assert (tokens - plain)[..., 1:].abs().max() == 0
+
+    hidden = torch.randn(2, cfg.tokens_per_image, cfg.llm.hidden_size)
+    patch = torch.randn(2, g * g, cfg.tokenizer.siglip.hidden_size)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        for p in model.head.stage_b.final.linear.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        a = model.head(hidden, t, patch, xt)
+        b = model.head(hidden, t, patch, xt + 1.0)
+        model.head.latent_in.weight.zero_()
+        model.head.latent_in.bias.zero_()
+        c1, c2 = model.head(hidden, t, patch, xt), model.head(hidden, t, patch, xt + 1.0)
+    assert (a - b).abs().max() > 1e-3  # stage B reads xt itself
+    torch.testing.assert_close(c1, c2)  # and through nothing else but latent_in
+    with pytest.raises(InputError, match="needs xt"):
+        model.head(hidden, t, patch)
+    for option in ("latent_to_llm", "latent_to_stage_b"):
+        with pytest.raises(CheckpointError, match=option):
+            config_to_official(dataclasses.replace(cfg, tokenizer=base.tokenizer) if option == "latent_to_stage_b"
+                               else dataclasses.replace(cfg, head=base.head))
