@@ -124,8 +124,8 @@ class TokenizerConfig:
     # 0.07 -> 19 in the shapes demo) until they drown the prompt in the residual stream.
     compressor_out_rms: float | None = None
     # Add a trainable linear map of each LLM token's 2x2 latent cells to its compressor output
-    # (not in the released model, whose LLM sees xt only through the frozen pixel decoder and
-    # SigLIP2; the shapes flavour's tiny frozen encoder hides the faint structure of noisy xt)
+    # (not in the released model, whose LLM sees xt only through its pixel decoder and SigLIP2,
+    # both trained with the rest; the shapes demo keeps its tiny ones frozen)
     latent_to_llm: bool = False
 
 
