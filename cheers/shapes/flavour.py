@@ -23,9 +23,9 @@ prompt only once its learning-rate warm-up counted optimiser steps rather than w
 (benchmarks/RESULTS.md, session 5).
 The LLM's image tokens and stage B's input also read the noisy latent itself through a trainable
 linear map (``tokenizer.latent_to_llm``, ``head.latent_to_stage_b``; the released model sees xt
-only through its pixel decoder and SigLIP2, which it trains and the demo keeps frozen). Without
-them the head barely beat copying xt: after 650 text-to-image steps from the same start, x1 MSE at t = 0.5 / 0.7 was 0.070 / 0.047
-against 0.037 / 0.013 with stage B's path, and the flow loss 0.79 against 0.40. The 15-minute
+only through its pixel decoder and SigLIP2, which it trains and the demo keeps frozen). After
+650 text-to-image steps from the same start, x1 MSE at t = 0.5 / 0.7 was 0.070 / 0.047 without
+them and 0.037 / 0.013 with stage B's path, and the flow loss 0.79 against 0.40. The 15-minute
 demo's flow loss fell from 1.07 to 0.55, but its images are still blobs far from the floors.
 """
 
