@@ -158,19 +158,20 @@ class CheersModel(nn.Module):
     # (vision tokenizer -> LLM -> head), whatever the micro-batch holds: FSDP issues one
     # all-gather per unit in that order, and ranks with different batches must agree.
 
+    def _zero_latent(self, device) -> torch.Tensor:
+        """One all-zero latent [1, C, G, G] in the head's dtype."""
+        g, c = self.cfg.latent_grid, self.cfg.tokenizer.vae.latent_channels
+        return torch.zeros(1, c, g, g, device=device, dtype=next(self.head.parameters()).dtype)
+
     def _idle_tokens(self, device) -> torch.Tensor:
         """Zero loss through the vision tokenizer, for batches without images."""
-        g, c = self.cfg.latent_grid, self.cfg.tokenizer.vae.latent_channels
-        xt = torch.zeros(1, c, g, g, device=device, dtype=next(self.head.parameters()).dtype)
-        tokens, patch_embeds = self.image_tokens(xt)
+        tokens, patch_embeds = self.image_tokens(self._zero_latent(device))
         return tokens.sum() * 0.0 + patch_embeds.sum() * 0.0
 
     def _idle_head(self, device) -> torch.Tensor:
         """Zero loss through the flow head, for batches without generation images."""
         cfg = self.cfg
-        dtype = next(self.head.parameters()).dtype
-        hidden = torch.zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size, device=device, dtype=dtype)
-        detail = torch.zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size, device=device, dtype=dtype)
-        g, c = cfg.latent_grid, cfg.tokenizer.vae.latent_channels
-        xt = torch.zeros(1, c, g, g, device=device, dtype=dtype)
+        xt = self._zero_latent(device)
+        hidden = xt.new_zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size)
+        detail = xt.new_zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size)
         return self.head(hidden, torch.ones(1, device=device), detail, xt).sum() * 0.0

@@ -260,7 +260,8 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
     torch.testing.assert_close(c1, c2)  # and through nothing else but latent_in
     with pytest.raises(InputError, match="needs xt"):
         model.head(hidden, t, patch)
-    for option in ("latent_to_llm", "latent_to_stage_b"):
+    only_llm, only_stage_b = (dataclasses.replace(cfg, head=base.head),
+                              dataclasses.replace(cfg, tokenizer=base.tokenizer))
+    for option, one_on in (("latent_to_llm", only_llm), ("latent_to_stage_b", only_stage_b)):
         with pytest.raises(CheckpointError, match=option):
-            config_to_official(dataclasses.replace(cfg, tokenizer=base.tokenizer) if option == "latent_to_stage_b"
-                               else dataclasses.replace(cfg, head=base.head))
+            config_to_official(one_on)
