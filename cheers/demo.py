@@ -4,7 +4,7 @@ Writes the data (WebDataset shards), trains a byte-level BPE tokenizer, the tiny
 tiny semantic encoder (then frozen), trains the whole Cheers model through the project's
 trainer, then generates images for held-out GenEval-style prompts and answers held-out
 MMBench-style questions, scores both with the shapes evaluator (GenEval rules, CircularEval),
-and writes a report folder:
+asks held-out open questions without options (``evaluate_open``), and writes a report folder:
 
     DIR/index.html  DIR/grid.png  DIR/loss.png  DIR/metrics.json  DIR/checkpoint/
 """
@@ -193,6 +193,38 @@ def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
     return {"acc": acc}
 
 
+_DIGITS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six"))}
+
+
+def open_answer(text: str) -> str:
+    """The first word of an answer, lower case, without punctuation, number words as digits."""
+    words = text.lower().replace(".", " ").replace(",", " ").split()
+    return _DIGITS.get(words[0], words[0]) if words else ""
+
+
+def evaluate_open(pipe, out: Path, n: int, seed: int, log) -> dict:
+    """Held-out open questions in the training's own phrasing (colour of a shape, shape of a
+    colour, counts), right when the answer's first word is the truth. Not an MMBench score:
+    beside it, it tells whether the model sees the answer apart from whether it can find that
+    answer's letter among options. Answers in ``out/open_answers.json``."""
+    from cheers.eval.answering import answer_rows
+    from cheers.shapes.dataset import open_question_rows
+
+    rows = open_question_rows(n, seed=seed)
+    answers = answer_rows(pipe, rows, lambda r: r["question"], source="shapes open questions",
+                          batch_size=32, max_new_tokens=4)
+    right: dict[str, list[bool]] = {}
+    for r, a in zip(rows, answers):
+        right.setdefault(r["category"], []).append(open_answer(a) == open_answer(r["answer"]))
+    acc = {c: float(np.mean(v)) for c, v in right.items()}
+    acc["overall"] = float(np.mean([x for v in right.values() for x in v]))
+    (out / "open_answers.json").write_text(json.dumps(
+        [{"index": r["index"], "question": r["question"], "truth": r["answer"], "answer": a}
+         for r, a in zip(rows, answers)], indent=1))
+    log("open questions: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return acc
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -237,6 +269,7 @@ def write_html(out: Path, metrics: dict) -> None:
     g, m = metrics["geneval"], metrics["mmbench"]
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in g.items())
     mrows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in metrics["mmbench_detail"].items())
+    orows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in metrics["open_questions"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cheers shapes demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:2px 10px}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
@@ -244,6 +277,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 <p>{html.escape(metrics['summary'])}</p>
 <h2>GenEval protocol (held-out prompts, 4 images each, analytic detector)</h2><table>{rows}</table>
 <h2>MMBench protocol (held-out questions, CircularEval): overall {m['overall']:.3f}</h2><table>{mrows}</table>
+<h2>Open questions (no options; the first word of the answer is right)</h2><table>{orows}</table>
 <h2>Generated images</h2><img src="grid.png" alt="generated images with their prompts">
 <h2>Loss curves</h2><img src="loss.png" alt="loss curves">
 <p>Checkpoint: <code>checkpoint/</code>. Try <code>cheers generate --prompt "a red circle"</code>.</p>
@@ -313,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     tc = pipe.cfg.transport
     gen = evaluate_geneval(pipe, out, args.eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, log)
     mmb = evaluate_mmbench(pipe, out, args.eval_questions, args.seed + 1, log)
+    opened = evaluate_open(pipe, out, args.eval_questions, args.seed + 1, log)
 
     scores = gen["scores"]
     tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
@@ -320,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "geneval": {"overall": scores["overall"], **{t: scores.get(t, 0.0) for t in tags}},
         "mmbench": {"overall": mmb["acc"].get("Overall", 0.0)},
         "mmbench_detail": mmb["acc"],
+        "open_questions": opened,
         "train": {"steps": result.step, "final": result.history[-1] if result.history else {},
                   "skipped_samples": result.skipped},
         "wall_minutes": budget.elapsed() / 60,

@@ -94,6 +94,8 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert set(metrics["geneval"]) == {"overall", "single_object", "two_object", "counting", "colors",
                                        "position", "color_attr"}
     assert 0.0 <= metrics["mmbench"]["overall"] <= 1.0
+    assert set(metrics["open_questions"]) == {"colour", "shape", "count", "overall"}  # 4 questions
+    assert len(json.loads((out / "open_answers.json").read_text())) == 4
     for name in ("index.html", "grid.png", "loss.png", "checkpoint/config.json", "checkpoint/tokenizer.json",
                  "geneval/00000/metadata.jsonl", "geneval/00000/samples/0003.png", "geneval/results.jsonl"):
         assert (out / name).is_file(), name

@@ -381,3 +381,47 @@ def test_mmbench_tsv_and_rotations(tmp_path):
     assert mmbench_scoring.evaluate_mmbench(back, always_a)["acc"]["Overall"] == 0.0
     assert dataset.mmbench_rows(3, seed=12) == dataset.mmbench_rows(3, seed=12)
     assert dataset.mmbench_rows(3, seed=12) != dataset.mmbench_rows(3, seed=13)
+
+
+def test_open_questions_are_the_training_phrasing_and_answerable():
+    rng = np.random.default_rng(8)
+    seen = set()
+    for _ in range(100):
+        scene = world.sample_scene(rng, 64)
+        objs = scene.objects
+        qs = world.open_questions(scene)
+        assert len({q["question"] for q in qs}) == len(qs)  # each asked once
+        for q in qs:
+            seen.add(q["category"])
+            words = q["question"].rstrip("?").split()
+            if q["category"] == "colour":  # "What color is the {shape}?": that shape is drawn once
+                shape = words[-1]
+                assert [o.colour for o in objs if o.shape == shape] == [q["answer"]]
+            elif q["category"] == "shape":  # "What shape is the {colour} object?"
+                colour = words[-2]
+                assert [o.shape for o in objs if o.colour == colour] == [q["answer"]]
+            elif q["question"] == world.TOTAL_COUNT_QUESTION:
+                assert q["answer"] == world.NUMBER_WORDS[len(objs)]
+            else:  # "How many {plural} are there?"
+                shape = next(s for s, p in world.PLURALS.items() if p == words[2])
+                assert q["answer"] == world.NUMBER_WORDS[sum(o.shape == shape for o in objs)]
+        # the training's open questions come from the same templates
+        q, a = world.open_question(scene, rng)
+        assert q.startswith(("Describe", "What is in", "Write")) or {"question": q, "answer": a} in [
+            {k: x[k] for k in ("question", "answer")} for x in qs]
+    assert seen == {"colour", "shape", "count"}
+
+
+def test_open_question_rows_take_categories_in_turn():
+    from cheers.demo import open_answer
+
+    rows = dataset.open_question_rows(9, seed=4)
+    assert [r["category"] for r in rows] == ["colour", "shape", "count"] * 3
+    assert rows == dataset.open_question_rows(9, seed=4)
+    assert rows != dataset.open_question_rows(9, seed=5)
+    img = Image.open(io.BytesIO(base64.b64decode(rows[0]["image"])))
+    assert img.size == (64, 64)
+    assert open_answer("Two.") == open_answer("2") == "2" and open_answer(" Red circle") == "red"
+    assert open_answer("") == ""
+    with pytest.raises(InputError):
+        dataset.open_question_rows(0)

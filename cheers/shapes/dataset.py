@@ -29,6 +29,7 @@ from cheers.shapes.world import (
     geneval_metadata,
     mmbench_questions,
     open_question,
+    open_questions,
     render,
     sample_scene,
     scene_for_metadata,
@@ -44,7 +45,7 @@ MMBENCH_COLUMNS: tuple[str, ...] = (
     "index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
     "source", "l2-category", "comment", "split",
 )
-_STREAM_SHARDS, _STREAM_GENEVAL, _STREAM_MMBENCH, _STREAM_REFERENCE = 11, 12, 13, 14
+_STREAM_SHARDS, _STREAM_GENEVAL, _STREAM_MMBENCH, _STREAM_REFERENCE, _STREAM_OPEN = 11, 12, 13, 14, 15
 
 
 def _rng(seed: int, stream: int, i: int) -> np.random.Generator:
@@ -242,6 +243,27 @@ def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
     if circular:
         rows += [rotate_question(r, k) for k in range(1, 4) for r in rows[:n]
                  if k < sum(1 for ch in OPTION_LETTERS if r[ch] != "")]
+    return rows
+
+
+def open_question_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64) -> list[dict]:
+    """``n`` open questions in the training's own phrasing (``world.open_questions``), one
+    scene each, categories colour, shape and count in turn: rows ``{index, image (base64 PNG),
+    question, answer, category}`` for ``cheers.eval.answering.answer_rows``."""
+    if n < 1:
+        raise InputError(f"n={n}; must be >= 1")
+    cats = ("colour", "shape", "count")
+    rows = []
+    for i in range(n):
+        rng = _rng(seed, _STREAM_OPEN, i)
+        while True:  # a scene of one shape drawn several times has no colour question
+            scene = sample_scene(rng, image_size)
+            pick = [q for q in open_questions(scene) if q["category"] == cats[i % len(cats)]]
+            if pick:
+                break
+        q = pick[int(rng.integers(len(pick)))]
+        rows.append({"index": i, "question": q["question"], "answer": q["answer"], "category": q["category"],
+                     "image": base64.b64encode(png_bytes(render(scene))).decode("ascii")})
     return rows
 
 

@@ -564,6 +564,21 @@ def mmbench_questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+TOTAL_COUNT_QUESTION = "How many objects are there in the image?"
+
+
+def _ask_colour(shape: str) -> str:
+    return f"What color is the {shape}?"
+
+
+def _ask_shape(colour: str) -> str:
+    return f"What shape is the {colour} object?"
+
+
+def _ask_count(shape: str) -> str:
+    return f"How many {PLURALS[shape]} are there?"
+
+
 def open_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """A short open question about the scene and its answer (for i2t training)."""
     objs = list(scene.objects)
@@ -572,14 +587,31 @@ def open_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         return str(rng.choice(["Describe the image briefly.", "What is in the image?",
                                "Write a short caption for this picture."])), caption(scene, rng)
     if kind == 1:
-        return "How many objects are there in the image?", NUMBER_WORDS[len(objs)]
+        return TOTAL_COUNT_QUESTION, NUMBER_WORDS[len(objs)]
     o = objs[int(rng.integers(len(objs)))]
     if kind == 2 and sum(p.shape == o.shape for p in objs) == 1:
-        return f"What color is the {o.shape}?", o.colour
+        return _ask_colour(o.shape), o.colour
     if sum(p.colour == o.colour for p in objs) == 1:
-        return f"What shape is the {o.colour} object?", o.shape
+        return _ask_shape(o.colour), o.shape
     n = sum(p.shape == o.shape for p in objs)
-    return f"How many {PLURALS[o.shape]} are there?", NUMBER_WORDS[n]
+    return _ask_count(o.shape), NUMBER_WORDS[n]
+
+
+def open_questions(scene: Scene) -> list[dict]:
+    """Every one-word open question of ``open_question``'s kinds that ``scene`` answers
+    unambiguously: ``{category, question, answer}`` with categories colour (of a shape drawn
+    once), shape (of a colour used once) and count (of each shape drawn, and of all objects)."""
+    objs = scene.objects
+    out = [{"category": "count", "question": TOTAL_COUNT_QUESTION, "answer": NUMBER_WORDS[len(objs)]}]
+    for o in objs:
+        if sum(p.shape == o.shape for p in objs) == 1:
+            out.append({"category": "colour", "question": _ask_colour(o.shape), "answer": o.colour})
+        if sum(p.colour == o.colour for p in objs) == 1:
+            out.append({"category": "shape", "question": _ask_shape(o.colour), "answer": o.shape})
+    for shape in dict.fromkeys(o.shape for o in objs):
+        n = sum(p.shape == shape for p in objs)
+        out.append({"category": "count", "question": _ask_count(shape), "answer": NUMBER_WORDS[n]})
+    return out
 
 
 _FACTS = [
