@@ -193,13 +193,15 @@ def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
     return {"acc": acc}
 
 
-_DIGITS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six"))}
-
-
 def open_answer(text: str) -> str:
     """The first word of an answer, lower case, without punctuation, number words as digits."""
+    from cheers.shapes.world import NUMBER_WORDS
+
     words = text.lower().replace(".", " ").replace(",", " ").split()
-    return _DIGITS.get(words[0], words[0]) if words else ""
+    if not words:
+        return ""
+    digits = {w: str(n) for n, w in NUMBER_WORDS.items()}
+    return digits.get(words[0], words[0])
 
 
 def evaluate_open(pipe, out: Path, n: int, seed: int, log) -> dict:
@@ -266,10 +268,11 @@ def write_loss_plot(history: list[dict], vae_losses: list[float], path: Path) ->
 
 
 def write_html(out: Path, metrics: dict) -> None:
-    g, m = metrics["geneval"], metrics["mmbench"]
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in g.items())
-    mrows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in metrics["mmbench_detail"].items())
-    orows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in metrics["open_questions"].items())
+    def table_rows(scores: dict) -> str:
+        return "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in scores.items())
+
+    m = metrics["mmbench"]
+    rows, mrows, orows = (table_rows(metrics[k]) for k in ("geneval", "mmbench_detail", "open_questions"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cheers shapes demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:2px 10px}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
