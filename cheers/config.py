@@ -168,6 +168,10 @@ class TransportConfig:
     # with prediction="x1" the velocity is v = (x1_pred - xt) / max(1 - t, x1_loss_t_min), in the
     # loss and in sampling: the clamp bounds the 1 / (1 - t)^2 weight on nearly clean times
     x1_loss_t_min: float = 0.05
+    # what the flow loss compares: "velocity" (the released model: MSE to x1 - x0, which weighs
+    # an x1 error by 1 / (1 - t)^2) or "x1" (MSE of the implied clean latent, the same weight
+    # at every t: the noisy times, where the layout is decided, count as much as the clean ones)
+    loss_target: Literal["velocity", "x1"] = "velocity"
     flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2
     sample_steps: int = 80

@@ -71,21 +71,29 @@ def train_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 
     return train_bpe(corpus, vocab_size=vocab_size)
 
 
-def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1) -> tuple[Path, Path]:
-    """Shards (``i2t_turns`` questions per understanding sample) and tokenizer; returns
-    (shard dir, tokenizer dir)."""
+def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
+            mcq_answer: str = "letter") -> tuple[Path, Path]:
+    """Shards (``i2t_turns`` questions per understanding sample, multiple choices answered as
+    ``mcq_answer`` says) and tokenizer; returns (shard dir, tokenizer dir)."""
     from cheers.shapes.dataset import write_shards
 
     data, easy = out / "data", out / "data-easy"
+    wanted = {"i2t_turns": i2t_turns, "mcq_answer": mcq_answer}
+    flags = {"i2t_turns": "--i2t-turns", "mcq_answer": "--mcq-answer"}
     # all scenes; then one- and two-object scenes, the curriculum's start
     for folder, n, kinds, offset in ((data, n_train, None, 0), (easy, n_train // 3, ("single", "two"), 50)):
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             write_shards(str(folder), n_samples=n, seed=seed + offset, image_size=64, samples_per_shard=2000,
-                         kinds=kinds, i2t_turns=i2t_turns)
-        elif (written := json.loads(manifest.read_text()).get("i2t_turns", 1)) != i2t_turns:
-            raise CheersError(f"{folder} holds shards written with --i2t-turns {written}, not {i2t_turns}: "
-                              f"use another --out, or --i2t-turns {written}")
+                         kinds=kinds, **wanted)
+            continue
+        written = json.loads(manifest.read_text())
+        for key, value in wanted.items():
+            # shards written before an option existed hold its default
+            was = written.get(key, {"i2t_turns": 1, "mcq_answer": "letter"}[key])
+            if was != value:
+                raise CheersError(f"{folder} holds shards written with {flags[key]} {was}, not {value}: "
+                                  f"use another --out, or {flags[key]} {was}")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows
@@ -303,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--i2t-turns", type=int, default=3,
                     help="questions per understanding sample: every answer is a training target for the cost "
                          "of one image through the vision tokenizer")
+    ap.add_argument("--mcq-answer", choices=("option", "letter"), default="option",
+                    help="how understanding samples answer multiple-choice questions: with the option's text "
+                         "(MMBench's rule-based extraction reads the letter back from it) or with the letter")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"[{budget.elapsed() / 60:5.1f} min] {msg}")
         tqdm.write(lines[-1])
 
-    data, tok_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns)
+    data, tok_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns, args.mcq_answer)
     # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
     # against 0.34 after the 1,000 steps of 5%)
     init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,

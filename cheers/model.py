@@ -140,7 +140,9 @@ class CheersModel(nn.Module):
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
             v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx])
-            flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx])
+            tc = self.cfg.transport
+            flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx], target=tc.loss_target,
+                                       t=t[gen_idx], t_min=tc.x1_loss_t_min)
         else:
             v_pred = None
             flow = ce.new_zeros(())

@@ -42,9 +42,26 @@ def velocity_from_x1(x1_pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t
     return (x1_pred - xt) / (1 - t).clamp_min(t_min)
 
 
-def flow_loss(v_pred: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity (mean over all elements)."""
-    return F.mse_loss(v_pred.float(), velocity_target(x1, x0).float())
+def x1_from_velocity(v: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_min: float = 0.05):
+    """The clean latent a velocity implies: ``xt + max(1 - t, t_min) v``, the inverse of
+    ``velocity_from_x1``."""
+    t = t.reshape(-1, *([1] * (xt.dim() - 1))).to(xt.dtype)
+    return xt + (1 - t).clamp_min(t_min) * v
+
+
+def flow_loss(v_pred: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor, *, target: str = "velocity",
+              t: torch.Tensor | None = None, t_min: float = 0.05) -> torch.Tensor:
+    """Mean squared error (over all elements) of the predicted velocity against ``x1 - x0``
+    (``target="velocity"``), or of the clean latent it implies against ``x1`` (``"x1"``, which
+    needs ``t``)."""
+    if target == "velocity":
+        return F.mse_loss(v_pred.float(), velocity_target(x1, x0).float())
+    if target != "x1":
+        raise InputError(f"unknown flow loss target {target!r}; use 'velocity' or 'x1'")
+    if t is None:
+        raise InputError("the x1 flow loss needs the times t")
+    xt = interpolate(x1, x0, t)
+    return F.mse_loss(x1_from_velocity(v_pred.float(), xt.float(), t, t_min), x1.float())
 
 
 def time_shift(t: torch.Tensor | float, a: float):

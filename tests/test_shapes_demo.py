@@ -104,10 +104,13 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert (tmp_path / "gen" / "00000.png").is_file()
 
 
-def test_demo_refuses_shards_written_with_other_turns(tmp_path):
+def test_demo_refuses_shards_written_with_other_options(tmp_path):
     from cheers.demo import prepare
     from cheers.errors import CheersError
 
     write_shards(str(tmp_path / "data"), n_samples=4, seed=0, image_size=64, i2t_turns=1)
     with pytest.raises(CheersError, match="written with --i2t-turns 1, not 3"):
         prepare(tmp_path, 4, 0, print, i2t_turns=3)
+    # write_shards answers with the letter by default; the demo asked for option text
+    with pytest.raises(CheersError, match="written with --mcq-answer letter, not option"):
+        prepare(tmp_path, 4, 0, print, i2t_turns=1, mcq_answer="option")

@@ -349,6 +349,33 @@ def test_chat_samples_ask_distinct_questions():
         dataset.make_sample("i2t", np.random.default_rng(0), i2t_turns=0)
 
 
+def test_multiple_choice_answered_by_the_option_text_maps_back_to_its_letter():
+    from cheers.eval.mmbench_scoring import can_infer
+
+    seen = 0
+    for i in range(60):
+        by_letter, _ = dataset.make_sample("i2t", np.random.default_rng([6, i]), i2t_turns=3)
+        by_text, _ = dataset.make_sample("i2t", np.random.default_rng([6, i]), i2t_turns=3,
+                                         mcq_answer="option")
+        for (q, a), (q2, a2) in zip(_pairs(by_letter), _pairs(by_text)):
+            assert q == q2  # the same questions, only multiple-choice answers differ
+            choices = dict(line.split(". ", 1) for line in q.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+            if not choices:  # an open question
+                assert a2 == a
+                continue
+            assert a in choices and a2 == choices[a]
+            assert can_infer(a2, choices) == a  # VLMEvalKit's rules read the letter back
+            seen += 1
+    assert seen > 30
+    with pytest.raises(InputError, match="mcq_answer"):
+        dataset.make_sample("i2t", np.random.default_rng(0), mcq_answer="number")
+
+
+def _pairs(record: dict) -> list[tuple[str, str]]:
+    conv = record["conversations"]
+    return [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
+
+
 def test_mmbench_tsv_and_rotations(tmp_path):
     path = str(tmp_path / "shapes_mmbench.tsv")
     rows = dataset.write_mmbench_tsv(path, 25, seed=12)

@@ -24,6 +24,29 @@ def test_loss_is_zero_at_true_velocity():
     assert transport.flow_loss(torch.zeros(2, 8), x1, x0).item() > 0
 
 
+def test_x1_loss_weighs_the_velocity_error_by_one_minus_t_squared():
+    x1, x0 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0.1, 0.5, 0.7])  # all below 1 - t_min
+    assert transport.flow_loss(x1 - x0, x1, x0, target="x1", t=t).item() < 1e-12
+    v = torch.randn_like(x1)
+    weight = (1 - t).reshape(-1, 1, 1, 1) ** 2
+    expected = (weight * (v - (x1 - x0)) ** 2).mean()
+    torch.testing.assert_close(transport.flow_loss(v, x1, x0, target="x1", t=t), expected)
+    # past 1 - t_min the clamp of velocity_from_x1 applies, so the x1 a velocity implies is exact
+    # for an x1-predicting head at every t
+    x1_pred = torch.randn_like(x1)
+    t = torch.tensor([0.2, 0.97, 1.0])
+    xt = transport.interpolate(x1, x0, t)
+    v = transport.velocity_from_x1(x1_pred, xt, t, t_min=0.05)
+    torch.testing.assert_close(transport.x1_from_velocity(v, xt, t, t_min=0.05), x1_pred)
+    torch.testing.assert_close(transport.flow_loss(v, x1, x0, target="x1", t=t, t_min=0.05),
+                               ((x1_pred - x1) ** 2).mean())
+    with pytest.raises(InputError, match="needs the times"):
+        transport.flow_loss(v, x1, x0, target="x1")
+    with pytest.raises(InputError, match="unknown flow loss target"):
+        transport.flow_loss(v, x1, x0, target="noise", t=t)
+
+
 @pytest.mark.parametrize("sampler,steps", [("euler", 10), ("heun", 5)])
 def test_integrating_the_exact_velocity_reaches_the_data(sampler, steps):
     x1, x0 = torch.randn(4, 3), torch.randn(4, 3)

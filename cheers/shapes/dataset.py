@@ -46,6 +46,10 @@ MMBENCH_COLUMNS: tuple[str, ...] = (
     "source", "l2-category", "comment", "split",
 )
 _STREAM_SHARDS, _STREAM_GENEVAL, _STREAM_MMBENCH, _STREAM_REFERENCE, _STREAM_OPEN = 11, 12, 13, 14, 15
+# how a multiple-choice question is answered in training: by its option's letter ("letter"), or
+# by the option's own text ("option"; MMBench's rule-based extraction, ``can_infer_text``,
+# reads the letter back from it, when the text is the only option found in the answer)
+MCQ_ANSWERS: tuple[str, ...] = ("letter", "option")
 
 
 def _rng(seed: int, stream: int, i: int) -> np.random.Generator:
@@ -79,28 +83,33 @@ def _task_schedule(n: int, mix: Mapping[str, float]) -> list[str]:
     return out
 
 
-def _i2t_exchange(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """One question about ``scene`` and its answer: an MMBench-style multiple choice answered
-    by its letter (60%), or a short open question."""
+def _i2t_exchange(scene: Scene, rng: np.random.Generator, mcq_answer: str = "letter") -> tuple[str, str]:
+    """One question about ``scene`` and its answer: an MMBench-style multiple choice (60%),
+    answered by its letter or its option's text (``mcq_answer``), or a short open question."""
     if rng.random() < 0.6:
         qs = mmbench_questions(scene, rng)
         q = qs[int(rng.integers(len(qs)))]
         style = "llava" if rng.random() < 0.7 else "vlmevalkit"
-        return format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style), q["answer"]
+        answer = q["answer"] if mcq_answer == "letter" else q["options"][OPTION_LETTERS.index(q["answer"])]
+        return format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style), answer
     return open_question(scene, rng)
 
 
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
-                kinds: Sequence[str] | None = None, i2t_turns: int = 1) -> tuple[dict, np.ndarray | None]:
+                kinds: Sequence[str] | None = None, i2t_turns: int = 1,
+                mcq_answer: str = "letter") -> tuple[dict, np.ndarray | None]:
     """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
 
     t2i: ``text`` is the caption. i2t: ``i2t_turns`` human/gpt exchanges about the image in
     ``conversations`` (each an MMBench-style multiple choice answered by its letter, or a short
-    open question; no question twice), ``text`` the scene's caption. text: ``text`` only,
+    open question; no question twice; a multiple choice answered as ``mcq_answer`` says,
+    one of ``MCQ_ANSWERS``), ``text`` the scene's caption. text: ``text`` only,
     ``width = height = 0``.
     """
     if i2t_turns < 1:
         raise InputError(f"i2t_turns={i2t_turns}; must be >= 1")
+    if mcq_answer not in MCQ_ANSWERS:
+        raise InputError(f"mcq_answer={mcq_answer!r}; expected one of {MCQ_ANSWERS}")
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
     kind = None if kinds is None else str(rng.choice(list(kinds)))
@@ -111,7 +120,7 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
     if task == "i2t":
         exchanges: list[tuple[str, str]] = []
         for _ in range(4 * i2t_turns):  # a scene with few distinct questions may give fewer turns
-            prompt, answer = _i2t_exchange(scene, rng)
+            prompt, answer = _i2t_exchange(scene, rng, mcq_answer)
             if all(prompt != p for p, _ in exchanges):
                 exchanges.append((prompt, answer))
             if len(exchanges) == i2t_turns:
@@ -129,11 +138,13 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
 
 def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
                  mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
-                 kinds: Sequence[str] | None = None, i2t_turns: int = 1) -> list[str]:
+                 kinds: Sequence[str] | None = None, i2t_turns: int = 1,
+                 mcq_answer: str = "letter") -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
 
     ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
-    for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample.
+    for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample;
+    ``mcq_answer``: how multiple-choice questions are answered (``MCQ_ANSWERS``).
 
     Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
     ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
@@ -150,7 +161,8 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         path = os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar")
         with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
             for i in range(start, min(start + samples_per_shard, n_samples)):
-                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds, i2t_turns)
+                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds,
+                                            i2t_turns, mcq_answer)
                 sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
                 if image is not None:
                     sample["png"] = png_bytes(image)
@@ -160,6 +172,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
         "kinds": list(kinds) if kinds is not None else None, "i2t_turns": i2t_turns,
+        "mcq_answer": mcq_answer,
         "shards": [os.path.basename(p) for p in paths],
         "tasks": {t: tasks.count(t) for t in TASKS},
     }
