@@ -170,7 +170,10 @@ class TransportConfig:
     x1_loss_t_min: float = 0.05
     # what the flow loss compares: "velocity" (the released model: MSE to x1 - x0, which weighs
     # an x1 error by 1 / (1 - t)^2) or "x1" (MSE of the implied clean latent, the same weight
-    # at every t: the noisy times, where the layout is decided, count as much as the clean ones)
+    # at every t: the noisy times, where the layout is decided, count as much as the clean ones).
+    # Use "x1" with a small x1_loss_t_min (0.05): with a larger clamp a head trained to the true
+    # x1 makes the sampler's velocity undershoot near t = 1 (the shapes flavour's 0.25 fits only
+    # the velocity loss, under which the head learns to absorb the clamp)
     loss_target: Literal["velocity", "x1"] = "velocity"
     flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2
