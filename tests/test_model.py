@@ -265,3 +265,42 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
     for option, one_on in (("latent_to_llm", only_llm), ("latent_to_stage_b", only_stage_b)):
         with pytest.raises(CheckpointError, match=option):
             config_to_official(one_on)
+
+
+@pytest.mark.parametrize("latent_paths", [False, True])
+def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths):
+    """The flow loss's velocity for a text-to-image sample packed behind two other samples
+    equals the sampler's velocity for the same prompt, latent and t (also with the shapes
+    world's direct paths from xt, ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``,
+    and its clean-latent prediction, ``transport.prediction="x1"``)."""
+    import dataclasses
+
+    from cheers.flow_head import transport
+    from cheers.generate import Engine
+
+    base = flavour("debug")
+    cfg = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, latent_to_llm=latent_paths),
+                              head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths),
+                              transport=dataclasses.replace(base.transport,
+                                                            prediction="x1" if latent_paths else "velocity"))
+    torch.manual_seed(0)
+    model = CheersModel(cfg).eval()
+    model.init_weights()
+    with torch.no_grad():
+        for prm in model.parameters():
+            if not prm.any():  # zero-initialised layers would hide what the head reads
+                prm.normal_(std=0.05)
+    seqs = sample_sequences(cfg, seed=3)
+    batch = pack([seqs[2], seqs[1], seqs[0]], cfg, rows=[[0, 1, 2]])  # the t2i sample last in its row
+    g, c = cfg.latent_grid, cfg.tokenizer.vae.latent_channels
+    batch.t = torch.tensor([1.0, 0.35])  # images in sample order: understanding, then generation
+    batch.noise = torch.randn(2, c, g, g)
+    with torch.no_grad():
+        v_train = model(batch, return_outputs=True)["v_pred"]  # [1, C, G, G]
+        x1 = model.tokenizer.encode(batch.images[1:])
+        xt = transport.interpolate(x1, batch.noise[1:], torch.tensor([0.35]))
+        ids = seqs[0].ids
+        prompt = ids[: ids.index(cfg.tokens.im_start) + 1]
+        engine = Engine(model)
+        v_sample = engine.image_velocity(engine.prefill([prompt], [[]]), xt, 0.35, cfg_scale=1.0)
+    torch.testing.assert_close(v_train, v_sample, atol=1e-5, rtol=1e-5)
