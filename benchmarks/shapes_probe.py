@@ -1,5 +1,6 @@
 """A short text-to-image probe on the shapes world: train from a demo's starting point for a
-fixed time, then score GenEval tags on held-out prompts from pure noise. For comparing recipe and flavour options quickly, one job at a time.
+fixed time, then score GenEval tags on held-out prompts from pure noise. For comparing recipe
+and flavour options quickly, one job at a time.
 
     cheers demo --out /tmp/base --no-cache          # once: data, tokenizer, init/
     python benchmarks/shapes_probe.py --demo /tmp/base --out /tmp/probe1 --seconds 300 \
@@ -17,22 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cheers.demo import run_training
-from cheers.eval import geneval
+from cheers.demo import generate_and_score, run_training
 from cheers.pipeline import Pipeline
 from cheers.shapes.dataset import write_geneval_metadata
 from cheers.train.checkpoint import export
-
-
-def score_tags(pipe, out: Path, tags: list[str], n_per_tag: int, seed: int, cfg_scale: float) -> dict:
-    meta = [m for m in write_geneval_metadata(str(out / "meta.jsonl"), n_per_tag, seed=seed) if m["tag"] in tags]
-    folder = out / f"geneval-cfg{cfg_scale:g}"
-    shutil.rmtree(folder, ignore_errors=True)
-    geneval.generate(pipe, meta, folder, n=4, seed=seed * 100_000, batch_size=32,
-                     steps=pipe.cfg.transport.sample_steps, cfg_scale=cfg_scale, progress=False)
-    detector, colours = geneval.shapes_scorer()
-    records = geneval.score(folder, folder / "results.jsonl", detector, colours)
-    return geneval.write_summary(records, folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = Pipeline.from_pretrained(ckpt, device="cpu")
     final = result.history[-1] if result.history else {}
     line = {"steps": result.step, "flow": round(final.get("flow", float("nan")), 3), "overrides": args.overrides}
+    meta = [m for m in write_geneval_metadata(str(args.out / "meta.jsonl"), args.prompts, seed=1)
+            if m["tag"] in args.tags]
     for w in args.cfg_scale:
-        scores = score_tags(pipe, args.out, args.tags, args.prompts, seed=1, cfg_scale=w)
+        scores, _ = generate_and_score(pipe, meta, args.out / f"geneval-cfg{w:g}", seed=1,
+                                       steps=pipe.cfg.transport.sample_steps, cfg_scale=w, progress=False)
         line[f"cfg {w:g}"] = {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}
     (args.out / "probe.json").write_text(json.dumps(line) + "\n")
     print(json.dumps(line))

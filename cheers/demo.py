@@ -164,20 +164,28 @@ def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: floa
 # --------------------------------------------------------------------------- evaluation
 
 
+def generate_and_score(pipe, meta: list[dict], folder: Path, seed: int, steps: int, cfg_scale: float,
+                       progress: bool = True) -> tuple[dict, list[dict]]:
+    """4 images for each GenEval metadata row into ``folder`` (emptied first), scored by the
+    shapes detector with GenEval's rules: (summary scores, per-image records)."""
+    from cheers.eval import geneval
+
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun scores the new checkpoint, not old samples
+    geneval.generate(pipe, meta, folder, n=4, seed=seed * 100_000, batch_size=32, steps=steps,
+                     cfg_scale=cfg_scale, progress=progress)
+    detector, colours = geneval.shapes_scorer()
+    records = geneval.score(folder, folder / "results.jsonl", detector, colours)
+    return geneval.write_summary(records, folder), records
+
+
 def evaluate_geneval(pipe, out: Path, n_per_tag: int, seed: int, steps: int, cfg_scale: float, log) -> dict:
     """GenEval protocol on held-out shapes prompts through ``cheers.eval.geneval``: official
     folder layout, 4 images a prompt, the analytic detector in place of Mask2Former + CLIP."""
-    from cheers.eval import geneval
     from cheers.shapes.dataset import write_geneval_metadata
 
     folder = out / "geneval"
-    shutil.rmtree(folder, ignore_errors=True)  # a rerun scores the new checkpoint, not old samples
     meta = write_geneval_metadata(str(out / "geneval_metadata.jsonl"), n_per_tag, seed=seed)
-    geneval.generate(pipe, meta, folder, n=4, seed=seed * 100_000, batch_size=32, steps=steps,
-                     cfg_scale=cfg_scale)
-    detector, colours = geneval.shapes_scorer()
-    records = geneval.score(folder, folder / "results.jsonl", detector, colours)
-    scores = geneval.write_summary(records, folder)
+    scores, records = generate_and_score(pipe, meta, folder, seed, steps, cfg_scale)
     per_prompt = [(m, [Image.open(folder / f"{i:05d}" / "samples" / f"{k:04d}.png").convert("RGB")
                        for k in range(4)]) for i, m in enumerate(meta)]
     log("geneval: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))

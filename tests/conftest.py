@@ -26,6 +26,22 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="session")
+def fill_zero_layers():
+    """``fill(model)`` gives every all-zero parameter small random weights (seeded). At
+    initialisation the adaLN modulations, the final layers and the gate are zero, so every
+    velocity is 0 and a check of what the head reads could not fail."""
+
+    def fill(model: torch.nn.Module, std: float = 0.05) -> None:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for prm in model.parameters():
+                if not prm.any():
+                    prm.normal_(std=std)
+
+    return fill
+
+
 @pytest.fixture
 def debug_cfg():
     from cheers.config import flavour

@@ -16,17 +16,11 @@ from cheers.sequence import expand_placeholders, null_prompt, pack
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tmp_path_factory, fill_zero_layers):
     path = tmp_path_factory.mktemp("debug")
     make_debug_checkpoint(path)
     p = Pipeline.from_pretrained(path)
-    # the zero-initialised layers (adaLN modulations, final layers, the gate) would make every
-    # velocity 0 and every sampled image its noise: give them weights so the checks can fail
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for prm in p.model.parameters():
-            if not prm.any():
-                prm.normal_(std=0.05)
+    fill_zero_layers(p.model)  # else every velocity is 0 and every sampled image its noise
     return p, path
 
 

@@ -268,7 +268,7 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
 
 
 @pytest.mark.parametrize("latent_paths", [False, True])
-def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths):
+def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths, fill_zero_layers):
     """The flow loss's velocity for a text-to-image sample packed behind two other samples
     equals the sampler's velocity for the same prompt, latent and t (also with the shapes
     world's direct paths from xt, ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``,
@@ -286,10 +286,7 @@ def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths):
     torch.manual_seed(0)
     model = CheersModel(cfg).eval()
     model.init_weights()
-    with torch.no_grad():
-        for prm in model.parameters():
-            if not prm.any():  # zero-initialised layers would hide what the head reads
-                prm.normal_(std=0.05)
+    fill_zero_layers(model)
     seqs = sample_sequences(cfg, seed=3)
     batch = pack([seqs[2], seqs[1], seqs[0]], cfg, rows=[[0, 1, 2]])  # the t2i sample last in its row
     g, c = cfg.latent_grid, cfg.tokenizer.vae.latent_channels
