@@ -108,6 +108,9 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
         if on:
             raise CheckpointError(f"{name} (a shapes-world option) has no place in the official layout: "
                                   "the released model reads xt only through its pixel decoder and SigLIP2")
+    if cfg.head.grid_conv:
+        raise CheckpointError("head.grid_conv (a shapes-world option) has no place in the official layout: "
+                              "the released head's blocks have no convolution")
     if cfg.tokenizer.vae.pooled_rgb_latent:
         raise CheckpointError("tokenizer.vae.pooled_rgb_latent (a shapes-world option) has no place in the "
                               "official layout: the released VAE's latent channels are all learned")

@@ -153,6 +153,11 @@ class FlowHeadConfig:
     # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
     # "raster": 0..N-1.
     stage_b_positions: Literal["official", "raster"] = "official"
+    # Give every head block a depthwise 3x3 convolution over its token grid (before the MLP;
+    # not in the released head, off in every flavour). A plain DiT trained briefly on shapes
+    # latents broke its samples into many small dots without it and drew whole blobs with it;
+    # in the whole shapes model it did not raise GenEval (benchmarks/RESULTS.md, session 13)
+    grid_conv: bool = False
 
 
 @dataclass(kw_only=True)

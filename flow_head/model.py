@@ -78,12 +78,13 @@ class CascadedFlowHead(nn.Module):
         self.time_embed = TimeEmbedding(hc.time_freq_dim, d_llm, d_sig, hc.time_scale)
         self.stage_a = DiTStage(dim=d_llm, out_dim=4 * d_sig, depth=hc.stage_a_blocks,
                                 heads=hc.stage_a_heads, kv_heads=hc.stage_a_kv_heads,
-                                mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
+                                mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta,
+                                grid_conv=hc.grid_conv)
         self.gate = DetailGate(d_sig, hc.gate_ln_eps)
         self.stage_b = DiTStage(dim=d_sig, out_dim=cfg.tokenizer.vae.latent_channels,
                                 depth=hc.stage_b_blocks, heads=hc.stage_b_heads,
                                 kv_heads=hc.stage_b_kv_heads, mlp_ratio=hc.mlp_ratio,
-                                eps=hc.norm_eps, rope_theta=hc.rope_theta)
+                                eps=hc.norm_eps, rope_theta=hc.rope_theta, grid_conv=hc.grid_conv)
         self.latent_in = nn.Linear(cfg.tokenizer.vae.latent_channels, d_sig) if hc.latent_to_stage_b else None
 
     def positions_b(self, n: int, device) -> torch.Tensor:

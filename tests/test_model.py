@@ -267,12 +267,52 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
             config_to_official(one_on)
 
 
+def test_grid_conv_mixes_raster_neighbours_and_stays_out_of_the_official_layout():
+    """``head.grid_conv``: token k of a raster sequence over a side x side grid is mixed with
+    its grid neighbours (k +- 1 within a row, k +- side across rows), and nothing else."""
+    import dataclasses
+
+    from cheers.checkpoint import config_to_official
+    from cheers.errors import CheckpointError
+    from cheers.flow_head.dit import GridConv
+
+    conv = GridConv(3)
+    with torch.no_grad():
+        conv.conv.weight.zero_()
+        conv.conv.bias.zero_()
+        conv.conv.weight[1, 0, 0, 1] = 1.0  # channel 1 reads the cell above
+        conv.conv.weight[2, 0, 1, 2] = 1.0  # channel 2 reads the cell to the right
+    x = torch.randn(2, 12, 3)
+    with pytest.raises(InputError, match="square number of tokens, got 12"):
+        conv(x)
+    x = torch.randn(2, 16, 3)  # a 4x4 grid
+    with torch.no_grad():
+        y = conv(x)
+    assert y[..., 0].abs().max() == 0
+    torch.testing.assert_close(y[:, 4:, 1], x[:, :12, 1])  # token k reads token k - 4
+    assert y[:, :4, 1].abs().max() == 0  # the top row reads the zero padding
+    right = x[:, :, 2].reshape(2, 4, 4)[:, :, 1:]
+    torch.testing.assert_close(y[:, :, 2].reshape(2, 4, 4)[:, :, :3], right)
+    assert y[:, :, 2].reshape(2, 4, 4)[:, :, 3].abs().max() == 0  # no wrap into the next row
+
+    cfg = flavour("debug")
+    torch.manual_seed(0)
+    on = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, grid_conv=True))
+    model = CheersModel(on)
+    model.init_weights()
+    assert all(block.grid_conv is not None for block in [*model.head.stage_a.blocks, *model.head.stage_b.blocks])
+    assert all(block.grid_conv is None for block in CheersModel(cfg).head.stage_b.blocks)
+    with pytest.raises(CheckpointError, match="grid_conv"):
+        config_to_official(on)
+
+
 @pytest.mark.parametrize("latent_paths", [False, True])
 def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths, fill_zero_layers):
     """The flow loss's velocity for a text-to-image sample packed behind two other samples
     equals the sampler's velocity for the same prompt, latent and t (also with the shapes
     world's direct paths from xt, ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``,
-    and its clean-latent prediction, ``transport.prediction="x1"``)."""
+    its grid convolutions, ``head.grid_conv``, and its clean-latent prediction,
+    ``transport.prediction="x1"``)."""
     import dataclasses
 
     from cheers.flow_head import transport
@@ -280,7 +320,8 @@ def test_training_forward_reads_the_model_as_the_sampler_does(latent_paths, fill
 
     base = flavour("debug")
     cfg = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, latent_to_llm=latent_paths),
-                              head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths),
+                              head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths,
+                                                       grid_conv=latent_paths),
                               transport=dataclasses.replace(base.transport,
                                                             prediction="x1" if latent_paths else "velocity"))
     torch.manual_seed(0)
