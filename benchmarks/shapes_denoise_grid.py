@@ -19,7 +19,8 @@ from PIL import Image
 
 from cheers.flow_head import transport
 from cheers.pipeline import Pipeline, to_pil
-from cheers.shapes.world import caption, render, sample_scene
+from cheers.shapes.autoencoder import scene_pixels
+from cheers.shapes.world import caption, sample_scene
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, size, kind) for kind in args.kinds]
     captions = [caption(s, rng) for s in scenes]
-    pixels = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 255 for s in scenes])
+    pixels = scene_pixels(scenes)  # [B, 3, S, S]
+    # the x1 head's sampler divides by max(1 - t, t_min); a velocity head by 1 - t
+    tc = pipe.cfg.transport
+    t_min = tc.x1_loss_t_min if tc.prediction == "x1" else 0.0
     cell = size + 2
     sheet = Image.new("RGB", (cell * (1 + 2 * len(args.times)), cell * len(scenes)), "white")
     for i, p in enumerate(pixels):
@@ -47,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         for j, t in enumerate(args.times):
             xt = transport.interpolate(x1, noise, torch.full((len(scenes),), t))
             v = pipe.engine.image_velocity(prefix, xt, t, cfg_scale=1.0)  # conditional only
-            # the x1 head's sampler divides by max(1 - t, t_min): undo exactly that
-            tc = pipe.cfg.transport
-            x1_pred = xt + (max(1.0 - t, tc.x1_loss_t_min) if tc.prediction == "x1" else 1.0 - t) * v
+            x1_pred = transport.x1_from_velocity(v, xt, torch.full((len(scenes),), t), t_min=t_min)
             for k, lat in enumerate((xt, x1_pred)):
                 for i, img in enumerate(model.tokenizer.decode(lat).clamp(0, 1)):
                     sheet.paste(to_pil(img), (cell * (1 + 2 * j + k), cell * i))

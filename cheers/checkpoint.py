@@ -97,23 +97,21 @@ def config_from_official(data: dict[str, Any], *, source: str = "config.json",
 
 def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
     """An official-layout ``config.json`` dict for our config (inverse of ``config_from_official``)."""
-    if cfg.tokenizer.compressor_out_rms is not None:
-        raise CheckpointError("tokenizer.compressor_out_rms (a shapes-world option) has no place in the "
-                              "official layout: the released model has no such norm")
-    if cfg.head.time_scale != 1.0:
-        raise CheckpointError(f"head.time_scale={cfg.head.time_scale} (a shapes-world option) has no place in "
-                              "the official layout: the released model embeds t in [0, 1] as is")
-    for name, on in (("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm),
-                     ("head.latent_to_stage_b", cfg.head.latent_to_stage_b)):
+    reads_xt = "the released model reads xt only through its pixel decoder and SigLIP2"
+    shapes_world_options = (  # (option, set in cfg, why the released model has no place for it)
+        ("tokenizer.compressor_out_rms", cfg.tokenizer.compressor_out_rms is not None,
+         "the released model has no such norm"),
+        (f"head.time_scale={cfg.head.time_scale}", cfg.head.time_scale != 1.0,
+         "the released model embeds t in [0, 1] as is"),
+        ("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm, reads_xt),
+        ("head.latent_to_stage_b", cfg.head.latent_to_stage_b, reads_xt),
+        ("head.grid_conv", cfg.head.grid_conv, "the released head's blocks have no convolution"),
+        ("tokenizer.vae.pooled_rgb_latent", cfg.tokenizer.vae.pooled_rgb_latent,
+         "the released VAE's latent channels are all learned"),
+    )
+    for name, on, why in shapes_world_options:
         if on:
-            raise CheckpointError(f"{name} (a shapes-world option) has no place in the official layout: "
-                                  "the released model reads xt only through its pixel decoder and SigLIP2")
-    if cfg.head.grid_conv:
-        raise CheckpointError("head.grid_conv (a shapes-world option) has no place in the official layout: "
-                              "the released head's blocks have no convolution")
-    if cfg.tokenizer.vae.pooled_rgb_latent:
-        raise CheckpointError("tokenizer.vae.pooled_rgb_latent (a shapes-world option) has no place in the "
-                              "official layout: the released VAE's latent channels are all learned")
+            raise CheckpointError(f"{name} (a shapes-world option) has no place in the official layout: {why}")
     llm, sig, vae = cfg.llm, cfg.tokenizer.siglip, cfg.tokenizer.vae
     res = cfg.tokenizer.image_size
     return {
