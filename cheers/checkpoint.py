@@ -106,6 +106,10 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
         ("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm, reads_xt),
         ("head.latent_to_stage_b", cfg.head.latent_to_stage_b, reads_xt),
         ("head.grid_conv", cfg.head.grid_conv, "the released head's blocks have no convolution"),
+        (f"head.stage_b_kind={cfg.head.stage_b_kind}", cfg.head.stage_b_kind != "dit",
+         "the released stage B is a DiT"),
+        ("head.prompt_condition", cfg.head.prompt_condition,
+         "the released head reads the prompt only through the image tokens"),
         ("tokenizer.vae.pooled_rgb_latent", cfg.tokenizer.vae.pooled_rgb_latent,
          "the released VAE's latent channels are all learned"),
     )

@@ -158,6 +158,17 @@ class FlowHeadConfig:
     # latents broke its samples into many small dots without it and drew whole blobs with it;
     # in the whole shapes model it did not raise GenEval (benchmarks/RESULTS.md, session 13)
     grid_conv: bool = False
+    # "conv": stage B is a one-level convolutional U-Net (stage_b_blocks residual blocks per level,
+    # modulated by the time embedding; cheers/flow_head/conv_stage.py) instead of DiT blocks.
+    # Not in the released head; off in every flavour. With prompt_condition and the x1 loss, a
+    # 300 s text-to-image probe drew compact objects (colors 0.172, against 0.000 with the DiT
+    # stage B), but the 15-minute demo did not gain (benchmarks/RESULTS.md, session 14)
+    stage_b_kind: Literal["dit", "conv"] = "dit"
+    stage_b_conv_width: int | None = None  # channels of the conv stage B (None: the SigLIP width)
+    # Add a linear map of the prompt state (the LLM's final state at the <im_start> before the
+    # image, which has read the prompt and not the image) to both stages' time embedding.
+    # Not in the released head, whose stages read the prompt only through the image tokens
+    prompt_condition: bool = False
 
 
 @dataclass(kw_only=True)

@@ -106,20 +106,22 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
     return data, tok_dir
 
 
-def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log) -> Path:
+def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log,
+               overrides: list[str] = ()) -> Path:
     """The starting model: the tiny VAE trained first (and copied into the pixel decoder), then
-    the tiny semantic encoder pretrained on dense labels (``cheers.shapes.semantic``)."""
+    the tiny semantic encoder pretrained on dense labels (``cheers.shapes.semantic``). The model
+    is configs/shapes.yaml's with the run's ``model.*`` overrides, as the training run builds it."""
     from cheers.checkpoint import save_pretrained
-    from cheers.config import flavour
     from cheers.model import CheersModel
     from cheers.shapes.autoencoder import train_vae
     from cheers.shapes.semantic import train_semantic_encoder
     from cheers.text_tokenizer import TextTokenizer
+    from cheers.train.config import run_config_from_dict
 
     init = out / "init"
     if (init / "model.safetensors").is_file():
         return init
-    cfg = flavour("shapes")
+    cfg = run_config_from_dict(merge(load_yaml(CONFIG), parse_overrides(list(overrides)))).model
     tok = TextTokenizer.from_dir(tok_dir)
     if tok.special != cfg.tokens or tok.vocab_size > cfg.llm.vocab_size:
         raise CheersError(f"tokenizer {tok_dir} does not fit the shapes flavour")
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
     # against 0.34 after the 1,000 steps of 5%)
     init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,
-                      seed=args.seed, log=log)
+                      seed=args.seed, log=log, overrides=args.overrides)
     eval_reserve = min(0.12 * budget.total, 120.0)  # evaluation takes about a minute on a CPU
     from cheers.train.checkpoint import export
 

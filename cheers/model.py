@@ -54,8 +54,9 @@ class CheersModel(nn.Module):
         return self.tokenizer(xt)
 
     def velocity(self, hidden: torch.Tensor, t: torch.Tensor, xt: torch.Tensor,
-                 patch_embeds: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm].
+                 patch_embeds: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm]
+        (and, with ``head.prompt_condition``, the prompt state [I, D_llm] at each ``<im_start>``).
 
         With ``transport.prediction == "x1"`` the head predicts the clean latent and the
         velocity is ``(x1 - xt) / max(1 - t, x1_loss_t_min)``, in training and in sampling
@@ -65,7 +66,7 @@ class CheersModel(nn.Module):
         came out oversaturated, an orange star as yellow). The released model predicts the
         velocity.
         """
-        out = self.head(hidden, t, patch_embeds, xt)  # [I, G*G, C]
+        out = self.head(hidden, t, patch_embeds, xt, prompt)  # [I, G*G, C]
         g = self.cfg.latent_grid
         out = rearrange(out, "i (h w) c -> i c h w", h=g, w=g)
         if self.cfg.transport.prediction == "x1":
@@ -139,7 +140,8 @@ class CheersModel(nn.Module):
             sel = torch.isin(batch.image_index, gen_idx)
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
-            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx])
+            prompt = self._prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
+            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
             tc = self.cfg.transport
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx], target=tc.loss_target,
                                        t=t[gen_idx], t_min=tc.x1_loss_t_min)
@@ -155,6 +157,17 @@ class CheersModel(nn.Module):
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
+
+    @staticmethod
+    def _prompt_states(batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
+        """The state [len(gen_idx), D] of the token just before each generation image's first
+        slot (its ``<im_start>``): causal, so it has read the prompt and nothing of the image."""
+        first = torch.isin(batch.image_index, gen_idx) & (batch.image_slot == 0)
+        rows, cols = first.nonzero(as_tuple=True)  # row-major: images in index order
+        if (cols == 0).any():
+            raise InputError("a generation image starts its row: no <im_start> state before it")
+        order = torch.argsort(batch.image_index[rows, cols])
+        return hidden[rows[order], cols[order] - 1]
 
     # Every trainable part runs exactly once per training forward, in the same order
     # (vision tokenizer -> LLM -> head), whatever the micro-batch holds: FSDP issues one
@@ -176,4 +189,5 @@ class CheersModel(nn.Module):
         xt = self._zero_latent(device)
         hidden = xt.new_zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size)
         detail = xt.new_zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size)
-        return self.head(hidden, torch.ones(1, device=device), detail, xt).sum() * 0.0
+        prompt = xt.new_zeros(1, cfg.llm.hidden_size)
+        return self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum() * 0.0

@@ -125,8 +125,12 @@ def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
     cli_main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "1.5", "--samples", "300",
-              "--eval-prompts", "1", "--eval-questions", "4", "train.global_batch=8", "train.micro_batch=8"])
+              "--eval-prompts", "1", "--eval-questions", "4", "train.global_batch=8", "train.micro_batch=8",
+              "model.head.prompt_condition=true"])
     out = tmp_path / "demo"
+    # a model override reaches the starting model as well as the training runs
+    for folder in ("init", "checkpoint"):
+        assert json.loads((out / folder / "config.json").read_text())["head"]["prompt_condition"] is True
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["geneval"]) == {"overall", "single_object", "two_object", "counting", "colors",
                                        "position", "color_attr"}
