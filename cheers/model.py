@@ -140,7 +140,7 @@ class CheersModel(nn.Module):
             sel = torch.isin(batch.image_index, gen_idx)
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
-            prompt = self._prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
+            prompt = self.prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
             v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
             tc = self.cfg.transport
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx], target=tc.loss_target,
@@ -158,16 +158,19 @@ class CheersModel(nn.Module):
             out.update(hidden=hidden, v_pred=v_pred)
         return out
 
-    @staticmethod
-    def _prompt_states(batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
-        """The state [len(gen_idx), D] of the token just before each generation image's first
-        slot (its ``<im_start>``): causal, so it has read the prompt and nothing of the image."""
+    def prompt_states(self, batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
+        """The state [len(gen_idx), D] of the ``<im_start>`` just before each generation image's
+        first slot: causal, so it has read the prompt and nothing of the image."""
         first = torch.isin(batch.image_index, gen_idx) & (batch.image_slot == 0)
-        rows, cols = first.nonzero(as_tuple=True)  # row-major: images in index order
-        if (cols == 0).any():
-            raise InputError("a generation image starts its row: no <im_start> state before it")
-        order = torch.argsort(batch.image_index[rows, cols])
-        return hidden[rows[order], cols[order] - 1]
+        rows, cols = first.nonzero(as_tuple=True)
+        order = torch.argsort(batch.image_index[rows, cols])  # in gen_idx order
+        rows, before = rows[order], cols[order] - 1
+        bad = (before < 0) | (batch.input_ids[rows, before.clamp_min(0)] != self.cfg.tokens.im_start)
+        if bad.any():
+            image = int(gen_idx[bad.nonzero()[0, 0]])
+            raise InputError(f"generation image {image} does not follow an <im_start> token "
+                             f"(id {self.cfg.tokens.im_start}): head.prompt_condition reads the state there")
+        return hidden[rows, before]
 
     # Every trainable part runs exactly once per training forward, in the same order
     # (vision tokenizer -> LLM -> head), whatever the micro-batch holds: FSDP issues one

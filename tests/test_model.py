@@ -347,6 +347,11 @@ def test_training_forward_reads_the_model_as_the_sampler_does(variant, fill_zero
         engine = Engine(model)
         v_sample = engine.image_velocity(engine.prefill([prompt], [[]]), xt, 0.35, cfg_scale=1.0)
     torch.testing.assert_close(v_train, v_sample, atol=1e-5, rtol=1e-5)
+    if conv_prompt:  # the prompt state is read at the <im_start> before the image, or nowhere
+        start = (batch.image_index[0] == 1).nonzero()[0, 0] - 1
+        batch.input_ids[0, start] = cfg.tokens.pad
+        with pytest.raises(InputError, match="generation image 1 does not follow an <im_start>"):
+            model(batch)
 
 
 def test_conv_stage_b_and_prompt_condition(fill_zero_layers):
