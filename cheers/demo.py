@@ -116,12 +116,11 @@ def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: f
     from cheers.shapes.autoencoder import train_vae
     from cheers.shapes.semantic import train_semantic_encoder
     from cheers.text_tokenizer import TextTokenizer
-    from cheers.train.config import run_config_from_dict
 
     init = out / "init"
     if (init / "model.safetensors").is_file():
         return init
-    cfg = run_config_from_dict(merge(load_yaml(CONFIG), parse_overrides(list(overrides)))).model
+    cfg = shapes_run_config(overrides).model
     tok = TextTokenizer.from_dir(tok_dir)
     if tok.special != cfg.tokens or tok.vocab_size > cfg.llm.vocab_size:
         raise CheersError(f"tokenizer {tok_dir} does not fit the shapes flavour")
@@ -149,16 +148,21 @@ def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: f
     return init
 
 
+def shapes_run_config(overrides: list[str]):
+    """configs/shapes.yaml with dotted overrides: the one place the demo builds its config."""
+    from cheers.train.config import run_config_from_dict
+
+    return run_config_from_dict(merge(load_yaml(CONFIG), parse_overrides(list(overrides))))
+
+
 def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: float, overrides: list[str],
                  device: str, log, name: str = "run"):
-    from cheers.train.config import run_config_from_dict
     from cheers.train.trainer import train
 
-    base = load_yaml(CONFIG)
     run_dir = out / name
     over = [f"data.shards=['{data}/*.tar']", f"data.tokenizer_dir={tok_dir}", f"train.init_from={init}",
             f"train.out_dir={run_dir}", f"train.device={device}", f"train.max_seconds={seconds:.0f}"]
-    cfg = run_config_from_dict(merge(base, parse_overrides(over + list(overrides))))
+    cfg = shapes_run_config(over + list(overrides))
     log(f"training for {seconds / 60:.1f} min (at most {cfg.train.steps} steps) in {run_dir}")
     return train(cfg), run_dir
 
