@@ -112,6 +112,8 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
          "the released head reads the prompt only through the image tokens"),
         ("tokenizer.vae.pooled_rgb_latent", cfg.tokenizer.vae.pooled_rgb_latent,
          "the released VAE's latent channels are all learned"),
+        ("tokenizer.vae.pooled_alpha_latent", cfg.tokenizer.vae.pooled_alpha_latent,
+         "the released VAE's latent channels are all learned"),
     )
     for name, on, why in shapes_world_options:
         if on:

@@ -81,6 +81,17 @@ class VAEConfig:
     # colour of the right hue (with a learned latent, halfway from the background to red
     # decoded green or black)
     pooled_rgb_latent: bool = False
+    # with pooled_rgb_latent: latent channel 3 is the share of each cell covered by anything
+    # that is not the plain background ``alpha_background`` (RGB in [0, 1]; a pixel at least
+    # ``alpha_full_distance`` from it in some channel counts as fully covered), scaled to
+    # [-1, 1]. The mean of many colours is close to a grey background, so a prompt that names
+    # no colour asked the pooled RGB channels for nothing visible; the coverage channel says
+    # where an object is whatever its colour. Off in every flavour: after 300 s, a reference conv
+    # U-Net (benchmarks/shapes_reference_unet.py) went from colors 0.23 to 0.39-0.53 with it, and
+    # the Cheers probes did not gain (benchmarks/RESULTS.md, session 15)
+    pooled_alpha_latent: bool = False
+    alpha_background: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    alpha_full_distance: float = 0.34
 
     @property
     def downsample(self) -> int:

@@ -359,6 +359,40 @@ def test_pooled_rgb_latent():
 
 
 @torch.no_grad()
+def test_pooled_alpha_latent():
+    """Channel 3 is the pooled share of pixels away from the background (any colour counts,
+    the background and near-background pixels do not), in [-1, 1] and noise-free; the RGB
+    channels and the learned ones are as without it."""
+    cfg = VAEConfig(ch=8, ch_mult=[1, 2, 4], num_res_blocks=1, decoder_ch=8, decoder_ch_mult=[1, 2, 4],
+                    decoder_num_res_blocks=0, z_channels=5, norm_groups=4, pooled_rgb_latent=True,
+                    pooled_alpha_latent=True, alpha_background=[0.5, 0.5, 0.5], alpha_full_distance=0.34)
+    torch.manual_seed(0)
+    enc = VAEEncoder(cfg)
+    rgb_only = VAEEncoder(dataclasses.replace(cfg, pooled_alpha_latent=False))
+    rgb_only.load_state_dict(enc.state_dict())
+    img = torch.full((1, 3, 16, 16), 0.5)
+    img[0, :, 0:4, 0:4] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # a red cell: fully covered
+    img[0, :, 0:4, 4:8] = torch.tensor([0.1, 0.2, 0.9]).view(3, 1, 1)  # a blue cell: fully covered
+    img[0, 2, 4:6, 0:4] = 0.0  # half a cell 0.5 away in blue only: half covered
+    img[0, :, 4:8, 4:8] = 0.6  # 0.1 from the background: a tenth/0.34 covered
+    m = enc.moments(img)
+    assert m.shape == (1, 10, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[0, :2], expected[1, 0], expected[1, 1] = 1.0, 0.5, 0.1 / 0.34
+    assert torch.allclose((m[0, 3] + 1) / 2, expected, atol=1e-6)
+    ref = rgb_only.moments(img)
+    assert torch.equal(m[:, :3], ref[:, :3]) and torch.equal(m[:, 4], ref[:, 4])
+    assert torch.equal(m[:, 5:9], torch.full_like(m[:, 5:9], -30.0))  # rgb and alpha: deterministic
+    with pytest.raises(ConfigError, match="pooled_rgb_latent"):
+        VAEEncoder(dataclasses.replace(cfg, pooled_rgb_latent=False))
+    with pytest.raises(ConfigError, match="alpha_background"):
+        VAEEncoder(dataclasses.replace(cfg, alpha_background=[0.5]))
+    debug = flavour("debug")
+    vae = dataclasses.replace(debug.tokenizer.vae, pooled_alpha_latent=True)
+    with pytest.raises(CheckpointError, match="pooled"):
+        config_to_official(dataclasses.replace(debug, tokenizer=dataclasses.replace(debug.tokenizer, vae=vae)))
+
+@torch.no_grad()
 def test_vae_bn_eval_in_train_mode(official, loaded):
     """In train mode the latent statistics are still the stored ones, never the batch's."""
     vae = loaded[0]
