@@ -374,14 +374,15 @@ def test_pooled_alpha_latent():
     img[0, :, 0:4, 0:4] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # a red cell: fully covered
     img[0, :, 0:4, 4:8] = torch.tensor([0.1, 0.2, 0.9]).view(3, 1, 1)  # a blue cell: fully covered
     img[0, 2, 4:6, 0:4] = 0.0  # half a cell 0.5 away in blue only: half covered
-    img[0, :, 4:8, 4:8] = 0.6  # 0.1 from the background: a tenth/0.34 covered
+    img[0, :, 4:8, 4:8] = 0.6  # 0.1 from the background: covered 0.1 / 0.34
     m = enc.moments(img)
     assert m.shape == (1, 10, 4, 4)
     expected = torch.zeros(4, 4)
     expected[0, :2], expected[1, 0], expected[1, 1] = 1.0, 0.5, 0.1 / 0.34
     assert torch.allclose((m[0, 3] + 1) / 2, expected, atol=1e-6)
     ref = rgb_only.moments(img)
-    assert torch.equal(m[:, :3], ref[:, :3]) and torch.equal(m[:, 4], ref[:, 4])
+    assert torch.equal(m[:, :3], ref[:, :3]) and torch.equal(m[:, 4], ref[:, 4])  # means
+    assert torch.equal(m[:, 9], ref[:, 9])  # the learned channel's log-variance
     assert torch.equal(m[:, 5:9], torch.full_like(m[:, 5:9], -30.0))  # rgb and alpha: deterministic
     with pytest.raises(ConfigError, match="pooled_rgb_latent"):
         VAEEncoder(dataclasses.replace(cfg, pooled_rgb_latent=False))
@@ -389,8 +390,9 @@ def test_pooled_alpha_latent():
         VAEEncoder(dataclasses.replace(cfg, alpha_background=[0.5]))
     debug = flavour("debug")
     vae = dataclasses.replace(debug.tokenizer.vae, pooled_alpha_latent=True)
-    with pytest.raises(CheckpointError, match="pooled"):
+    with pytest.raises(CheckpointError, match="pooled_alpha_latent"):
         config_to_official(dataclasses.replace(debug, tokenizer=dataclasses.replace(debug.tokenizer, vae=vae)))
+
 
 @torch.no_grad()
 def test_vae_bn_eval_in_train_mode(official, loaded):
