@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
-import math
-import tarfile
 import time
 from pathlib import Path
 
@@ -47,29 +44,30 @@ from cheers.flow_head.transport import (
 from cheers.shapes.autoencoder import train_vae
 from cheers.shapes.dataset import write_geneval_metadata
 from cheers.text_tokenizer import TextTokenizer
+from cheers.train.config import TrainConfig
+from cheers.train.data import IMAGE_EXTS, _Shard, expand_shards, load_image
 from cheers.train.ema import EMA
+from cheers.train.optim import lr_at
 
 TEXT_LEN = 16
 
 
 def read_t2i(shard_dir: Path) -> tuple[list[str], torch.Tensor]:
-    """Captions and images [N, 3, S, S] in [0, 1] of the text-to-image samples of the shards."""
+    """Captions and images [N, 3, S, S] in [0, 1] of the text-to-image samples of the shards,
+    grouped and decoded as the training loader does (``train/data.py``)."""
     captions, images = [], []
-    for shard in sorted(shard_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name, member in members.items():
-                if not name.endswith(".json"):
-                    continue
-                rec = json.loads(tar.extractfile(member).read())
-                if rec.get("task") != "t2i":
-                    continue
-                png = tar.extractfile(members[name[: -len(".json")] + ".png"]).read()
+    for path in expand_shards([str(shard_dir / "*.tar")], what="--demo"):
+        shard = _Shard(path)
+        for _key, members in shard.samples:
+            rec = json.loads(shard.read(members["json"]))
+            if rec.get("task") == "t2i":
                 captions.append(rec["text"])
-                images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+                ext = next(e for e in IMAGE_EXTS if e in members)
+                images.append(load_image(shard.read(members[ext]), 64))
+        shard.close()
     if not images:
         raise SystemExit(f"no text-to-image samples in {shard_dir}")
-    return captions, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return captions, torch.stack(images)
 
 
 class TextConvUNet(nn.Module):
@@ -134,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     model = TextConvUNet(latents.shape[1], tok.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ema = EMA(model, 0.995)
+    # the demo's schedule: 40 warm-up steps, then a cosine to 5% that follows the clock
+    schedule = TrainConfig(lr=args.lr, steps=100_000, schedule="cosine", warmup_steps=40, min_lr_ratio=0.05)
     start, step, losses = time.monotonic(), 0, []
     while time.monotonic() - start < args.seconds:
         idx = torch.randint(0, len(latents), (args.batch,))
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         t = torch.rand(args.batch)
         xt = interpolate(x1, torch.randn_like(x1), t)
         loss = F.mse_loss(model(xt, t, ids), x1)
-        frac = (time.monotonic() - start) / args.seconds
-        lr = args.lr * min(1.0, (step + 1) / 40) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        lr = lr_at(step, schedule, (time.monotonic() - start) / args.seconds)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
