@@ -36,6 +36,7 @@ from cheers.demo import write_grid
 from cheers.eval import geneval
 from cheers.flow_head.conv_stage import ConvStage
 from cheers.flow_head.transport import (
+    guidance_scale,
     interpolate,
     sample_ode,
     timestep_frequencies,
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts per tag (4 images each)")
     ap.add_argument("--tags", nargs="+", default=["single_object", "colors", "two_object"])
     ap.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5, 3.0])
+    ap.add_argument("--cfg-start", type=float, nargs="+", default=None,
+                    help="guidance only from these times on (each with every --cfg-scale; default: the "
+                         "start of the shapes flavour's transport.cfg_interval)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="vae.<field>=<value> of the shapes flavour's VAE")
     args = ap.parse_args(argv)
@@ -162,18 +166,22 @@ def main(argv: list[str] | None = None) -> None:
     line = {"steps": step, "loss": round(float(np.mean(losses[-20:])), 4), "vae_steps": len(vae_losses),
             "overrides": args.overrides}
     detector, colours = geneval.shapes_scorer()
-    for w in args.cfg_scale:
-        folder = args.out / f"geneval-cfg{w:g}"
+    interval = flavour("shapes").transport.cfg_interval
+    starts = args.cfg_start if args.cfg_start is not None else [interval[0]]
+    for w, lo in [(w, lo) for lo in starts for w in args.cfg_scale]:
+        name = f"cfg {w:g}" + (f" from t={lo:g}" if len(starts) > 1 else "")
+        folder = args.out / ("geneval-" + name.replace(" ", "").replace("=", ""))
         samples = []
         for i, m in enumerate(meta):
             g = torch.Generator().manual_seed(100_000 + i)
             noise = torch.randn(4, *latents.shape[1:], generator=g)
             cond, null = tokenize([m["prompt"]] * 4), torch.zeros(4, TEXT_LEN, dtype=torch.long)
 
-            def velocity(x: torch.Tensor, t: float, cond=cond, null=null, w=w) -> torch.Tensor:
+            def velocity(x: torch.Tensor, t: float, cond=cond, null=null, w=w, lo=lo) -> torch.Tensor:
                 tt = torch.full((x.shape[0],), t)
                 x1_c, x1_n = model(x, tt, cond), model(x, tt, null)
-                return velocity_from_x1(x1_n + w * (x1_c - x1_n), x, tt)
+                scale = guidance_scale(t, w, [lo, interval[1]])
+                return velocity_from_x1(x1_n + scale * (x1_c - x1_n), x, tt)
 
             with torch.no_grad():
                 lat = sample_ode(velocity, noise, steps=20, shift=1.0, official_last_step=False)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         records = geneval.score(folder, folder / "results.jsonl", detector, colours)
         scores = geneval.write_summary(records, folder)
         write_grid(samples, folder / "grid.png")
-        line[f"cfg {w:g}"] = {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}
+        line[name] = {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}
     (args.out / "reference.json").write_text(json.dumps(line) + "\n")
     print(json.dumps(line))
 

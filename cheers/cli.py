@@ -31,11 +31,24 @@ def _pipeline(args):
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--cfg", type=float, default=9.5, help="classifier-free guidance scale")
-    p.add_argument("--shift", type=float, default=0.5, help="time shift a of t -> a t / (1 + (a - 1) t)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift a of t -> a t / (1 + (a - 1) t) (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _fill_sampling(args, pipe) -> None:
+    """Unset --steps / --cfg / --shift take the checkpoint's ``transport`` settings (the released
+    model's 80 / 9.5 / 0.5, the shapes model's own), so the saved settings are the ones used."""
+    tc = pipe.cfg.transport
+    args.steps = tc.sample_steps if args.steps is None else args.steps
+    args.cfg = tc.cfg_scale if args.cfg is None else args.cfg
+    args.shift = tc.sample_shift if args.shift is None else args.shift
+    if args.steps < 1:
+        raise CheersError(f"--steps must be >= 1, got {args.steps}")
 
 
 def _save_png(img, path: Path, meta: dict) -> None:
@@ -58,11 +71,10 @@ def cmd_generate(args) -> None:
     if not prompts or any(not p.strip() for p in prompts):
         raise CheersError("give a non-empty --prompt or a --prompts file")
     pipe = _pipeline(args)
+    _fill_sampling(args, pipe)
     if args.size is not None and args.size != pipe.image_size:
         raise CheersError(f"--size {args.size}: this checkpoint generates {pipe.image_size} px images "
                           f"(a multiple of its {pipe.cfg.tokenizer.siglip.patch_size * 2} px token grid)")
-    if args.steps < 1:
-        raise CheersError(f"--steps must be >= 1, got {args.steps}")
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, k) for p in prompts for k in range(args.n)]
     bar = tqdm(total=len(jobs) * args.steps, desc="generate", unit="step")
@@ -83,13 +95,14 @@ def cmd_generate(args) -> None:
 
 def cmd_edit(args) -> None:
     pipe = _pipeline(args)
+    _fill_sampling(args, pipe)
     if not args.prompt.strip():
         raise CheersError("the prompt is empty")
     img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=args.steps,
                     cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _save_png(img, args.out, {"prompt": args.prompt, "source": str(args.image), "strength": args.strength,
-                              "seed": args.seed, "steps": args.steps, "cfg": args.cfg})
+                              "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "shift": args.shift})
     print(f"wrote {args.out}")
 
 

@@ -207,8 +207,18 @@ class TransportConfig:
     sample_steps: int = 80
     sample_shift: float = 0.5
     cfg_scale: float = 9.5
+    # classifier-free guidance only for lo <= t <= hi, the conditional velocity alone elsewhere
+    # (guidance in a limited interval, Kynkaanniemi et al. 2024). [0, 1]: every step, as released.
+    # At the noisy end guidance pulls a prompt towards what sets it apart from the null prompt's
+    # average; a shapes prompt that names no colour then loses its object (empty images)
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # the official sampler takes one extra Euler step of size 1/N past t = 1
     official_last_step: bool = True
+
+    def __post_init__(self) -> None:
+        iv = self.cfg_interval
+        if len(iv) != 2 or not 0.0 <= iv[0] <= iv[1] <= 1.0:
+            raise ConfigError(f"transport.cfg_interval={iv}: expected [lo, hi] with 0 <= lo <= hi <= 1")
 
 
 @dataclass(kw_only=True)

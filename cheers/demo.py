@@ -44,17 +44,22 @@ class Budget:
 
 
 def _corpus(shard_dir: Path) -> list[str]:
-    """Every caption and conversation turn in the shards of ``shard_dir``."""
-    import tarfile
+    """Every caption and conversation turn in the shards of ``shard_dir``, read with the
+    training loader's shard index."""
+    from cheers.train.data import _Shard
 
     texts = []
-    for shard in sorted(shard_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    rec = json.loads(tar.extractfile(m).read())
-                    texts.append(rec.get("text", ""))
-                    texts += [t["value"].replace("<image>", "") for t in rec.get("conversations", [])]
+    for path in sorted(shard_dir.glob("*.tar")):
+        shard = _Shard(str(path))
+        try:
+            for _key, members in shard.samples:
+                if "json" not in members:
+                    continue
+                rec = json.loads(shard.read(members["json"]))
+                texts.append(rec.get("text", ""))
+                texts += [t["value"].replace("<image>", "") for t in rec.get("conversations", [])]
+        finally:
+            shard.close()
     return texts
 
 

@@ -129,8 +129,9 @@ class Engine:
     def image_velocity(self, prefix: PrefixState, xt: torch.Tensor, t: float | torch.Tensor,
                        cfg_scale: float) -> torch.Tensor:
         """CFG velocity [B, C, G, G] at (xt, t) for a prefix holding B conditional rows followed
-        by B null-prompt rows (or just B rows when ``cfg_scale == 1``). ``t``: a float or a
-        0-dim tensor (what a captured graph reads)."""
+        by B null-prompt rows (or just B rows when ``cfg_scale == 1``); outside
+        ``transport.cfg_interval`` the scale is 1. ``t``: a float or a 0-dim tensor (what a
+        captured graph reads)."""
         model, n = self.model, self.cfg.tokens_per_image
         rows = prefix.doc_ids.shape[0]
         b = xt.shape[0]
@@ -150,7 +151,8 @@ class Engine:
         if reps == 1:
             return v
         v_cond, v_uncond = v[:b], v[b:]
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
+        w = transport.guidance_scale(t, cfg_scale, self.cfg.transport.cfg_interval)
+        return v_uncond + w * (v_cond - v_uncond)
 
     @torch.no_grad()
     def sample_images(self, cond_rows: list[list[int]], null_rows: list[list[int]] | None, *,

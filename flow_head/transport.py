@@ -11,7 +11,7 @@ The network (``flow_head/model.py``) only predicts; everything about ``t`` lives
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,17 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
         if callback:
             callback(n)
     return x
+
+
+def guidance_scale(t: float | torch.Tensor, scale: float, interval: Sequence[float]) -> float | torch.Tensor:
+    """The classifier-free guidance scale at time ``t``: ``scale`` for ``lo <= t <= hi``, else 1
+    (the conditional velocity alone). ``t`` may be a 0-dim tensor (a captured graph's input);
+    the answer is then a tensor too, chosen without a host sync."""
+    lo, hi = interval
+    if torch.is_tensor(t):
+        inside = (t >= lo) & (t <= hi)
+        return torch.where(inside, torch.full_like(t, scale), torch.ones_like(t))
+    return scale if lo <= t <= hi else 1.0
 
 
 def timestep_frequencies(dim: int, max_period: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:

@@ -72,6 +72,36 @@ def test_cfg_scale_one_is_the_conditional_branch(pipe):
     torch.testing.assert_close(a, b)
 
 
+def test_guidance_only_inside_cfg_interval(pipe):
+    """With ``transport.cfg_interval`` = [0.5, 1], steps at t < 0.5 take the conditional velocity
+    alone and the others the guided one; eager and fixed-shape steps agree."""
+    p, _ = pipe
+    model, cfg = p.model, p.cfg
+    rows = [p.tokenizer.t2i_prompt("a red circle")]
+    nulls = [null_prompt(rows[0], cfg)]
+    noise = torch.randn(1, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid,
+                        generator=torch.Generator().manual_seed(2))
+    kw = dict(noise=noise, steps=4, cfg_scale=4.0, shift=1.0)  # times 0, 1/3, 2/3, 1
+    with torch.no_grad():
+        every = Engine(model).sample_images(rows, nulls, **kw)
+        old = cfg.transport.cfg_interval
+        cfg.transport.cfg_interval = [0.5, 1.0]
+        try:
+            got = [Engine(model, static=s).sample_images(rows, nulls, **kw) for s in (False, True)]
+        finally:
+            cfg.transport.cfg_interval = old
+
+        def v(x, t):
+            vc, vu = naive_velocity(model, rows, x, t), naive_velocity(model, nulls, x, t)
+            return vu + (4.0 if t >= 0.5 else 1.0) * (vc - vu)
+
+        naive = transport.sample_ode(v, noise, steps=4, shift=1.0,
+                                     official_last_step=cfg.transport.official_last_step)
+    torch.testing.assert_close(got[0], naive, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], got[0], atol=1e-5, rtol=1e-5)
+    assert (every - got[0]).abs().max() > 1e-3  # the noisy steps' guidance did change the sample
+
+
 def test_same_seed_same_image(pipe):
     p, _ = pipe
     a = p.generate(["a red circle"], seed=3, steps=2, cfg_scale=2.0)[0]
@@ -194,3 +224,21 @@ def test_cli_generate_writes_png_with_settings(pipe, tmp_path):
     img = Image.open(tmp_path / "00000.png")
     assert '"prompt": "a red circle"' in img.text["cheers"]
     assert (tmp_path / "00000.json").is_file()
+
+
+def test_cli_generate_takes_unset_settings_from_the_checkpoint(pipe, tmp_path):
+    """No --cfg / --shift / --steps: the checkpoint's transport settings, not the released model's."""
+    import json
+    import shutil
+
+    _, ckpt = pipe
+    own = tmp_path / "ckpt"
+    shutil.copytree(ckpt, own)
+    config = json.loads((own / "config.json").read_text())
+    config["transport"].update(cfg_scale=2.5, sample_shift=0.8, sample_steps=2)
+    (own / "config.json").write_text(json.dumps(config))
+    cli_main(["generate", "--ckpt", str(own), "--prompt", "a red circle", "--out", str(tmp_path / "out")])
+    meta = json.loads((tmp_path / "out" / "00000.json").read_text())
+    assert (meta["cfg"], meta["shift"], meta["steps"]) == (2.5, 0.8, 2)
+    cli_main(["generate", "--ckpt", str(own), "--prompt", "a red circle", "--cfg", "4", "--out", str(tmp_path / "o2")])
+    assert json.loads((tmp_path / "o2" / "00000.json").read_text())["cfg"] == 4.0

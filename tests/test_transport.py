@@ -95,3 +95,22 @@ def test_x1_prediction_gives_the_velocity():
     t = torch.tensor([0.2, 0.7])
     xt = transport.interpolate(x1, x0, t)
     torch.testing.assert_close(transport.velocity_from_x1(x1, xt, t), x1 - x0, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_scale_only_inside_its_interval():
+    assert transport.guidance_scale(0.3, 4.0, [0.4, 1.0]) == 1.0
+    assert transport.guidance_scale(0.4, 4.0, [0.4, 1.0]) == 4.0  # both ends included
+    assert transport.guidance_scale(1.0, 4.0, [0.4, 1.0]) == 4.0
+    assert transport.guidance_scale(0.9, 4.0, [0.0, 0.8]) == 1.0
+    # a 0-dim tensor time (what a captured graph reads) gives a tensor, same values
+    for t, want in ((0.3, 1.0), (0.5, 4.0)):
+        got = transport.guidance_scale(torch.tensor(t), 4.0, [0.4, 1.0])
+        assert torch.is_tensor(got) and got.item() == want
+
+
+@pytest.mark.parametrize("interval", [[0.5], [0.6, 0.4], [-0.1, 1.0], [0.0, 1.5]])
+def test_cfg_interval_is_checked(interval):
+    from cheers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"transport\.cfg_interval"):
+        TransportConfig(cfg_interval=interval)
