@@ -360,15 +360,16 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds = max(60.0, budget.left() - eval_reserve)
     history: list[dict] = []
+    offset = 0  # optimiser steps of the curriculum's first run
     if args.curriculum > 0:  # simple scenes first, then everything
         first, _ = run_training(out, out / "data-easy", tok_dir, init, args.curriculum * seconds,
                                 args.overrides, args.device, log, name="run-easy")
         init = out / "init-easy"
         export(first.checkpoint, init, ema=first.ema)  # the averaged weights sample better
         history += first.history
+        offset = first.step
         seconds = max(60.0, budget.left() - eval_reserve)
     result, run_dir = run_training(out, data, tok_dir, init, seconds, args.overrides, args.device, log)
-    offset = history[-1]["step"] if history else 0
     history += [{**h, "step": h["step"] + offset} for h in result.history]
     result.history = history
     result.step += offset

@@ -137,6 +137,9 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert 0.0 <= metrics["mmbench"]["overall"] <= 1.0
     assert set(metrics["open_questions"]) == {"colour", "shape", "count", "overall"}  # 4 questions
     assert len(json.loads((out / "open_answers.json").read_text())) == 4
+    # the steps of both curriculum runs, each ending in its last checkpoint step_NNNNNNN
+    runs = [int(next((out / run).glob("step_*")).name[5:]) for run in ("run-easy", "run")]
+    assert metrics["train"]["steps"] == sum(runs)
     for name in ("index.html", "grid.png", "loss.png", "checkpoint/config.json", "checkpoint/tokenizer.json",
                  "geneval/00000/metadata.jsonl", "geneval/00000/samples/0003.png", "geneval/results.jsonl"):
         assert (out / name).is_file(), name
