@@ -43,12 +43,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _fill_sampling(args, pipe) -> None:
     """Unset --steps / --cfg / --shift take the checkpoint's ``transport`` settings (the released
     model's 80 / 9.5 / 0.5, the shapes model's own), so the saved settings are the ones used."""
-    tc = pipe.cfg.transport
-    args.steps = tc.sample_steps if args.steps is None else args.steps
-    args.cfg = tc.cfg_scale if args.cfg is None else args.cfg
-    args.shift = tc.sample_shift if args.shift is None else args.shift
-    if args.steps < 1:
-        raise CheersError(f"--steps must be >= 1, got {args.steps}")
+    args.steps, args.cfg, args.shift = pipe.sampling_settings(args.steps, args.cfg, args.shift)
 
 
 def _save_png(img, path: Path, meta: dict) -> None:

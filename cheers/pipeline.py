@@ -91,16 +91,21 @@ class Pipeline:
         g = torch.Generator().manual_seed(seed + 1)
         return torch.randint(0, 256, (3, self.image_size, self.image_size), generator=g).float() / 255
 
-    def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
-                         cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
-                         start: tuple[torch.Tensor, float] | None = None,
-                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    def sampling_settings(self, steps: int | None = None, cfg_scale: float | None = None,
+                          shift: float | None = None) -> tuple[int, float, float]:
+        """(steps, cfg_scale, shift) with each unset one taken from the checkpoint's ``transport``."""
         tc = self.cfg.transport
         steps = tc.sample_steps if steps is None else steps
         if steps < 1:
             raise InputError(f"--steps must be >= 1, got {steps}")
-        cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
-        shift = tc.sample_shift if shift is None else shift
+        return (steps, tc.cfg_scale if cfg_scale is None else cfg_scale,
+                tc.sample_shift if shift is None else shift)
+
+    def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
+                         cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+                         start: tuple[torch.Tensor, float] | None = None,
+                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+        steps, cfg_scale, shift = self.sampling_settings(steps, cfg_scale, shift)
         rows = [self.tokenizer.t2i_prompt(p) for p in prompts]
         nulls = [null_prompt(r, self.cfg) for r in rows]
         noise = torch.cat([self._noise(1, s) for s in seeds])
