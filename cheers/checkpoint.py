@@ -114,6 +114,8 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
          "the released VAE's latent channels are all learned"),
         ("tokenizer.vae.pooled_alpha_latent", cfg.tokenizer.vae.pooled_alpha_latent,
          "the released VAE's latent channels are all learned"),
+        (f"align.weight={cfg.align.weight}", cfg.align.weight > 0,
+         "the released model has no alignment projector"),
     )
     for name, on, why in shapes_world_options:
         if on:

@@ -291,8 +291,10 @@ class LLM(nn.Module):
         mask: Mask = None,
         cache: KVCache | None = None,
         backend: Backend = "sdpa",
-    ) -> Tensor:
-        """Final-norm hidden states ``[B, L, D]``.
+        capture_layer: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Final-norm hidden states ``[B, L, D]``; with ``capture_layer`` k, also the states
+        after the first k layers (before any norm): ``(final, after_k)``.
 
         Args:
             input_ids: ``[B, L]`` token ids, or
@@ -330,9 +332,15 @@ class LLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         if backend == "flex" and mask is None:  # build once here rather than in every layer
             mask = build_causal_block_mask(length, past + length, x.device)
-        for layer in self.layers:
+        if capture_layer is not None and not 1 <= capture_layer <= len(self.layers):
+            raise InputError(f"capture_layer={capture_layer}: the LLM has layers 1..{len(self.layers)}")
+        captured = None
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, backend)
-        return self.norm(x)
+            if i + 1 == capture_layer:
+                captured = x
+        out = self.norm(x)
+        return out if captured is None else (out, captured)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``[B, L, D]`` hidden states -> ``[B, L, V]`` logits."""

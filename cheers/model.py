@@ -29,6 +29,12 @@ class CheersModel(nn.Module):
         self.tokenizer = VisionTokenizer(cfg)
         self.llm = LLM(cfg.llm)
         self.head = CascadedFlowHead(cfg)
+        # align.weight > 0: image-token states after LLM layer align.layer -> the semantic
+        # encoder's features of the clean image, one SigLIP cell per quarter of the output
+        d_llm, d_sig = cfg.llm.hidden_size, cfg.tokenizer.siglip.hidden_size
+        self.align_proj = nn.Sequential(
+            nn.Linear(d_llm, cfg.align.proj_hidden), nn.SiLU(), nn.Linear(cfg.align.proj_hidden, 4 * d_sig)
+        ) if cfg.align.weight > 0 else None
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> CheersModel:
@@ -44,6 +50,11 @@ class CheersModel(nn.Module):
         self.tokenizer.init_weights()
         self.llm.init_weights()
         self.head.init_weights()
+        if self.align_proj is not None:
+            for m in self.align_proj:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Blocks to shard one by one before the root (LLM, SigLIP and head blocks)."""
@@ -122,7 +133,11 @@ class CheersModel(nn.Module):
             idle = self._idle_tokens(device)
         embeds = self.embed(batch.input_ids, batch.image_index, batch.image_slot, tokens)
         mask = build_dense_mask(batch.doc_ids, batch.block_ids)
-        hidden = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask)
+        capture = self.cfg.align.layer if self.align_proj is not None else None
+        states = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask,
+                                        capture_layer=capture)
+        hidden, early = states if capture is not None else (states, None)  # early: after align.layer
+        align = None
 
         has_target = batch.targets != IGNORE
         if has_target.any():
@@ -140,6 +155,9 @@ class CheersModel(nn.Module):
             sel = torch.isin(batch.image_index, gen_idx)
             rank = torch.searchsorted(gen_idx, batch.image_index[sel])
             h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
+            if early is not None:
+                h_early = torch.zeros_like(h_img).index_put((rank, batch.image_slot[sel]), early[sel])
+                align = self.align_loss(h_early, batch.images[gen_idx.to(batch.images.device)])
             prompt = self.prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
             v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
             tc = self.cfg.transport
@@ -151,12 +169,29 @@ class CheersModel(nn.Module):
             if self.training:
                 idle = self._idle_head(device) + (0.0 if idle is None else idle)
         loss = ce + self.cfg.transport.flow_loss_weight * flow
+        if self.align_proj is not None:
+            if align is None:  # no generation image: the projector idles
+                align = self.align_proj(hidden.new_zeros(1, hidden.shape[-1])).sum() * 0.0
+            loss = loss + self.cfg.align.weight * align
         if idle is not None:
             loss = loss + idle
         out = {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
+        if self.align_proj is not None:
+            out["align"] = align.detach()
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
+
+    def align_loss(self, h_early: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean ``1 - cos`` between the projected states h_early [I, N, D_llm] and the frozen
+        semantic encoder's features of the clean images pixels [I, 3, H, W], per SigLIP cell."""
+        with torch.no_grad():
+            target, _ = self.tokenizer.siglip(pixels.to(h_early.dtype))  # [I, G*G, D_sig]
+        g2 = self.cfg.latent_grid // 2
+        # the same 2x2 cell layout as the compressor's and the head's pixel shuffle
+        target = rearrange(target, "i (gi py gj px) d -> i (gi gj) (py px) d", gi=g2, py=2, px=2)
+        pred = rearrange(self.align_proj(h_early), "i n (q d) -> i n q d", q=4)
+        return (1.0 - torch.nn.functional.cosine_similarity(pred, target, dim=-1)).mean()
 
     def prompt_states(self, batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
         """The state [len(gen_idx), D] of the ``<im_start>`` just before each generation image's

@@ -404,3 +404,97 @@ def test_conv_stage_b_and_prompt_condition(fill_zero_layers):
     for option in ({"stage_b_kind": "conv"}, {"prompt_condition": True}):
         with pytest.raises(CheckpointError, match=next(iter(option))):
             config_to_official(dataclasses.replace(base, head=dataclasses.replace(base.head, **option)))
+
+
+def test_align_loss_compares_early_image_states_with_the_clean_images_semantic_cells():
+    """``align.weight``: the states after LLM layer ``align.layer`` at each generation image's
+    slots, projected, against the frozen semantic encoder's features of the clean image, LLM
+    token n's quarter (py, px) against SigLIP cell (2 gi + py, 2 gj + px). Added to the loss
+    with its weight; gradients reach the projector and the layers up to align.layer only."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from cheers.checkpoint import config_to_official
+    from cheers.config import AlignConfig
+    from cheers.errors import CheckpointError, ConfigError
+
+    base = flavour("debug")
+    cfg = dataclasses.replace(base, align=AlignConfig(weight=0.5, layer=1, proj_hidden=32))
+    torch.manual_seed(0)
+    model = CheersModel(cfg)
+    model.init_weights()
+    batch = pack(sample_sequences(cfg), cfg)
+    gen = batch.is_gen.nonzero().squeeze(1)
+    assert len(gen) == 1
+    gen_image = int(gen[0])
+
+    early = {}
+    hook = model.llm.layers[0].register_forward_hook(lambda m, i, o: early.setdefault("x", o))
+    torch.manual_seed(1)
+    out = model(batch)
+    hook.remove()
+    torch.testing.assert_close(out["loss"], out["ce"] + out["flow"] + 0.5 * out["align"])
+
+    # the reference: a loop over LLM tokens and their four SigLIP cells
+    slots = (batch.image_index == gen_image).nonzero()
+    g, n = cfg.latent_grid, cfg.tokens_per_image
+    with torch.no_grad():
+        feats, _ = model.tokenizer.siglip(batch.images[gen_image:gen_image + 1])  # [1, g*g, D]
+        h = torch.zeros(n, cfg.llm.hidden_size)
+        for row, col in slots.tolist():
+            h[batch.image_slot[row, col]] = early["x"][row, col]
+        pred = model.align_proj(h)  # [n, 4 D]
+        d = feats.shape[-1]
+        terms = []
+        for tok in range(n):
+            gi, gj = divmod(tok, g // 2)
+            for q in range(4):
+                py, px = divmod(q, 2)
+                cell = (2 * gi + py) * g + (2 * gj + px)
+                terms.append(1 - F.cosine_similarity(pred[tok, q * d:(q + 1) * d], feats[0, cell], dim=0))
+    torch.testing.assert_close(out["align"], torch.stack(terms).mean())
+
+    # the alignment term alone trains the projector and layer 1, not the later layers or the target
+    early.clear()
+    hook = model.llm.layers[0].register_forward_hook(lambda m, i, o: early.setdefault("x", o))
+    model(batch)
+    hook.remove()
+    model.zero_grad()
+    h = torch.stack([early["x"][row, col] for row, col in slots.tolist()])[None]  # slots in order
+    model.align_loss(h, batch.images[gen_image:gen_image + 1]).backward()
+    assert model.align_proj[0].weight.grad.abs().sum() > 0
+    assert model.llm.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm.layers[1].parameters())
+    model.zero_grad()
+    model.align_loss(h.detach(), batch.images[gen_image:gen_image + 1]).backward()
+    assert all(p.grad is None for p in model.tokenizer.siglip.parameters())  # the target is constant
+
+    # a batch without generation images: the projector idles with a zero loss
+    text_only = pack(sample_sequences(cfg)[2:], cfg)
+    out = model(text_only)
+    assert out["align"] == 0
+    torch.testing.assert_close(out["loss"], out["ce"])
+
+    with pytest.raises(ConfigError, match="align.layer=9"):
+        dataclasses.replace(base, align=AlignConfig(weight=0.5, layer=9))
+    with pytest.raises(ConfigError, match="align.weight"):
+        AlignConfig(weight=-1.0)
+    with pytest.raises(CheckpointError, match="align.weight"):
+        config_to_official(cfg)
+
+
+def test_llm_capture_layer_returns_the_state_after_k_layers(debug_model, debug_cfg):
+    from cheers.llm import rope_cos_sin
+
+    llm = debug_model.llm
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        final, after_1 = llm.hidden_states(ids, capture_layer=1)
+        torch.testing.assert_close(final, llm.hidden_states(ids))
+        cos, sin = rope_cos_sin(torch.arange(9)[None].expand(2, -1), debug_cfg.llm.head_dim,
+                                debug_cfg.llm.rope_theta)
+        ref = llm.layers[0](llm.embed_tokens(ids), cos, sin, None, None, "sdpa")
+    torch.testing.assert_close(after_1, ref)
+    with pytest.raises(InputError, match="capture_layer=0"):
+        llm.hidden_states(ids, capture_layer=0)
