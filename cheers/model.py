@@ -183,8 +183,8 @@ class CheersModel(nn.Module):
         return out
 
     def align_loss(self, h_early: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """Mean ``1 - cos`` between the projected states h_early [I, N, D_llm] and the frozen
-        semantic encoder's features of the clean images pixels [I, 3, H, W], per SigLIP cell."""
+        """Mean ``1 - cos`` between the projected states h_early [I, N, D_llm] and the semantic
+        encoder's features of the clean images pixels [I, 3, H, W] (a constant target), per SigLIP cell."""
         with torch.no_grad():
             target, _ = self.tokenizer.siglip(pixels.to(h_early.dtype))  # [I, G*G, D_sig]
         g2 = self.cfg.latent_grid // 2
