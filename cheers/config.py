@@ -230,9 +230,9 @@ class AlignConfig:
     During text-to-image training, the LLM's image-token states after layer ``layer`` (they
     read the noisy latent) pass through a small MLP, and the loss adds ``weight`` times
     (1 - cosine similarity) between its output and the semantic encoder's features of the
-    clean image (each LLM token against its 2x2 SigLIP cells; a constant target, no gradient
-    flows into the encoder through it; the shapes demo keeps that encoder frozen anyway). The LLM is thus asked to
-    see the clean image's semantics through the noise early in its depth. On the shapes world
+    clean image (each LLM token against its 2x2 SigLIP cells; a constant target: no gradient
+    flows into the encoder through it). The LLM is thus asked to see the clean image's
+    semantics through the noise early in its depth. On the shapes world
     it cost 10% of the steps and moved no score, in 300 s probes or the 15-minute demo
     (benchmarks/RESULTS.md, session 17).
     """

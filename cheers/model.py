@@ -150,14 +150,16 @@ class CheersModel(nn.Module):
         if gen is not None and gen.any():
             gen_idx = gen.nonzero().squeeze(1).to(device)
             n = self.cfg.tokens_per_image
-            # image-token states in slot order: the velocity is read at the slots themselves
-            h_img = torch.empty(len(gen_idx), n, hidden.shape[-1], dtype=hidden.dtype, device=device)
             sel = torch.isin(batch.image_index, gen_idx)
-            rank = torch.searchsorted(gen_idx, batch.image_index[sel])
-            h_img = h_img.index_put((rank, batch.image_slot[sel]), hidden[sel])
+            at = (torch.searchsorted(gen_idx, batch.image_index[sel]), batch.image_slot[sel])
+
+            def image_states(states: torch.Tensor) -> torch.Tensor:
+                """[B, L, D] -> [len(gen_idx), n, D]: each generation image's states in slot order."""
+                return states.new_empty(len(gen_idx), n, states.shape[-1]).index_put(at, states[sel])
+
+            h_img = image_states(hidden)  # the velocity is read at the slots themselves
             if early is not None:
-                h_early = torch.zeros_like(h_img).index_put((rank, batch.image_slot[sel]), early[sel])
-                align = self.align_loss(h_early, batch.images[gen_idx.to(batch.images.device)])
+                align = self.align_loss(image_states(early), batch.images[gen_idx.to(batch.images.device)])
             prompt = self.prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
             v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
             tc = self.cfg.transport

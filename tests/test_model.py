@@ -408,7 +408,7 @@ def test_conv_stage_b_and_prompt_condition(fill_zero_layers):
 
 def test_align_loss_compares_early_image_states_with_the_clean_images_semantic_cells():
     """``align.weight``: the states after LLM layer ``align.layer`` at each generation image's
-    slots, projected, against the frozen semantic encoder's features of the clean image, LLM
+    slots, projected, against the semantic encoder's features of the clean image, LLM
     token n's quarter (py, px) against SigLIP cell (2 gi + py, 2 gj + px). Added to the loss
     with its weight; gradients reach the projector and the layers up to align.layer only."""
     import dataclasses
