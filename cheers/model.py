@@ -20,6 +20,7 @@ from cheers.llm import LLM
 from cheers.losses import linear_cross_entropy
 from cheers.sequence import IGNORE, Batch
 from cheers.tokenizer.vision import VisionTokenizer
+from cheers.weight_init import normal_linears_
 
 
 class CheersModel(nn.Module):
@@ -50,11 +51,7 @@ class CheersModel(nn.Module):
         self.tokenizer.init_weights()
         self.llm.init_weights()
         self.head.init_weights()
-        if self.align_proj is not None:
-            for m in self.align_proj:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
+        normal_linears_(self.align_proj)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Blocks to shard one by one before the root (LLM, SigLIP and head blocks)."""

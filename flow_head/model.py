@@ -22,6 +22,7 @@ from cheers.errors import InputError
 from cheers.flow_head.conv_stage import ConvStage
 from cheers.flow_head.dit import DiTStage
 from cheers.flow_head.transport import timestep_frequencies
+from cheers.weight_init import normal_linears_
 
 
 class TimeEmbedding(nn.Module):
@@ -143,11 +144,7 @@ class CascadedFlowHead(nn.Module):
         return [*self.stage_a.blocks, *self.stage_b.blocks]
 
     def init_weights(self, std: float = 0.02) -> None:
-        for mlp in (self.time_embed.mlp_a, self.time_embed.mlp_b):
-            for m in mlp:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=std)
-                    nn.init.zeros_(m.bias)
+        normal_linears_(self.time_embed.mlp_a, self.time_embed.mlp_b, std=std)
         # stage A feeds stage B: a zero output there would starve stage B of any signal
         self.stage_a.init_weights(std, zero_output=False)
         if isinstance(self.stage_b, ConvStage):
@@ -155,8 +152,5 @@ class CascadedFlowHead(nn.Module):
         else:
             self.stage_b.init_weights(std)
         self.gate.init_weights(std)
-        for linear in (self.latent_in, self.prompt_in):
-            if linear is not None:
-                nn.init.normal_(linear.weight, std=std)
-                nn.init.zeros_(linear.bias)
+        normal_linears_(self.latent_in, self.prompt_in, std=std)
 

@@ -158,3 +158,18 @@ def test_demo_refuses_shards_written_with_other_options(tmp_path):
     # write_shards answers with the letter by default; the demo asked for option text
     with pytest.raises(CheersError, match="written with --mcq-answer letter, not option"):
         prepare(tmp_path, 4, 0, print, i2t_turns=1, mcq_answer="option")
+
+
+def test_report_marks_each_floor_met_or_not(tmp_path):
+    from cheers.demo import write_html
+
+    metrics = {"summary": "s", "mmbench": {"overall": 0.31},
+               "geneval": {"overall": 0.25, "single_object": 0.1, "two_object": 0.15, "counting": 0.0},
+               "mmbench_detail": {"Overall": 0.31, "colour": 0.5}, "open_questions": {"overall": 0.4}}
+    write_html(tmp_path, metrics)
+    page = (tmp_path / "index.html").read_text()
+    assert "<td>overall</td><td>0.250</td><td>floor 0.20: met</td>" in page
+    assert "<td>single_object</td><td>0.100</td><td>floor 0.45: not met</td>" in page
+    assert "<td>two_object</td><td>0.150</td><td>floor 0.15: met</td>" in page  # the floor itself passes
+    assert "<td>counting</td><td>0.000</td><td></td>" in page  # no floor for this tag
+    assert "<td>Overall</td><td>0.310</td><td>floor 0.30: met</td>" in page

@@ -335,6 +335,22 @@ def test_shards_schema_and_determinism(tmp_path):
         dataset.write_shards(str(tmp_path / "e"), 5, mix={"video": 1.0})
 
 
+def test_shards_written_by_workers_are_the_same_bytes(tmp_path):
+    kw = dict(seed=3, image_size=64, samples_per_shard=7, i2t_turns=2, mcq_answer="option")
+    serial = dataset.write_shards(str(tmp_path / "a"), 30, **kw)
+    written = []
+    parallel = dataset.write_shards(str(tmp_path / "b"), 30, workers=2, progress=written.append, **kw)
+    assert [os.path.basename(p) for p in parallel] == [os.path.basename(p) for p in serial]
+    for a, b in zip(serial, parallel):
+        assert open(a, "rb").read() == open(b, "rb").read()
+    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+    assert sorted(written) == [2, 7, 7, 7, 7]
+    with pytest.raises(InputError, match="workers=0"):
+        dataset.write_shards(str(tmp_path / "c"), 30, workers=0)
+    with pytest.raises(InputError, match="mcq_answer"):  # refused before any worker starts
+        dataset.write_shards(str(tmp_path / "d"), 30, workers=2, mcq_answer="both")
+
+
 def test_chat_samples_ask_distinct_questions():
     for i in range(40):
         one, _ = dataset.make_sample("i2t", np.random.default_rng([5, i]))

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from cheers.weight_init import normal_linears_
+
 
 class TokenCompressor(nn.Module):
     """LayerNorm, 2x2 merge (offset-major: cells (0,0),(0,1),(1,0),(1,1), each D wide), MLP.
@@ -32,7 +34,4 @@ class TokenCompressor(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         self.layernorm.reset_parameters()
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
+        normal_linears_(self.mlp, std=std)

@@ -13,8 +13,10 @@ import base64
 import csv
 import io
 import json
+import multiprocessing
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from PIL import Image
@@ -95,6 +97,13 @@ def _i2t_exchange(scene: Scene, rng: np.random.Generator, mcq_answer: str = "let
     return open_question(scene, rng)
 
 
+def _check_chat_options(i2t_turns: int, mcq_answer: str) -> None:
+    if i2t_turns < 1:
+        raise InputError(f"i2t_turns={i2t_turns}; must be >= 1")
+    if mcq_answer not in MCQ_ANSWERS:
+        raise InputError(f"mcq_answer={mcq_answer!r}; expected one of {MCQ_ANSWERS}")
+
+
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
                 kinds: Sequence[str] | None = None, i2t_turns: int = 1,
                 mcq_answer: str = "letter") -> tuple[dict, np.ndarray | None]:
@@ -106,10 +115,7 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
     one of ``MCQ_ANSWERS``), ``text`` the scene's caption. text: ``text`` only,
     ``width = height = 0``.
     """
-    if i2t_turns < 1:
-        raise InputError(f"i2t_turns={i2t_turns}; must be >= 1")
-    if mcq_answer not in MCQ_ANSWERS:
-        raise InputError(f"mcq_answer={mcq_answer!r}; expected one of {MCQ_ANSWERS}")
+    _check_chat_options(i2t_turns, mcq_answer)
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
     kind = None if kinds is None else str(rng.choice(list(kinds)))
@@ -136,38 +142,64 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
     return record, image
 
 
+def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_size: int,
+                 kinds: Sequence[str] | None, i2t_turns: int, mcq_answer: str) -> str:
+    """Samples ``first .. first + len(tasks) - 1`` into the tar ``path``: a unit of work that
+    depends on nothing else, so shards can be written in any order, by any process."""
+    import webdataset as wds
+
+    with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
+        for i, task in enumerate(tasks, start=first):
+            record, image = make_sample(task, _rng(seed, _STREAM_SHARDS, i), image_size, kinds,
+                                        i2t_turns, mcq_answer)
+            sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
+            if image is not None:
+                sample["png"] = png_bytes(image)
+            sink.write(sample)
+    return path
+
+
 def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
                  mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
                  kinds: Sequence[str] | None = None, i2t_turns: int = 1,
-                 mcq_answer: str = "letter") -> list[str]:
+                 mcq_answer: str = "letter", workers: int = 1,
+                 progress: Callable[[int], None] | None = None) -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
 
     ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
     for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample;
     ``mcq_answer``: how multiple-choice questions are answered (``MCQ_ANSWERS``).
+    ``workers`` > 1 writes shards in that many processes; the files are the same bytes.
+    ``progress(n)`` is called with the samples of each shard written.
 
     Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
     ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
     (arguments, shard names, samples per task). Returns the shard paths.
     """
-    if n_samples < 1 or samples_per_shard < 1:
-        raise InputError(f"n_samples={n_samples}, samples_per_shard={samples_per_shard}; both must be >= 1")
-    import webdataset as wds
-
+    if n_samples < 1 or samples_per_shard < 1 or workers < 1:
+        raise InputError(f"n_samples={n_samples}, samples_per_shard={samples_per_shard}, workers={workers}; "
+                         f"each must be >= 1")
+    _check_chat_options(i2t_turns, mcq_answer)  # before any worker starts
     os.makedirs(out_dir, exist_ok=True)
     tasks = _task_schedule(n_samples, mix or DEFAULT_MIX)
-    paths = []
-    for start in range(0, n_samples, samples_per_shard):
-        path = os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar")
-        with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
-            for i in range(start, min(start + samples_per_shard, n_samples)):
-                record, image = make_sample(tasks[i], _rng(seed, _STREAM_SHARDS, i), image_size, kinds,
-                                            i2t_turns, mcq_answer)
-                sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
-                if image is not None:
-                    sample["png"] = png_bytes(image)
-                sink.write(sample)
-        paths.append(path)
+    jobs = [(os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar"),
+             tasks[start:start + samples_per_shard], start, seed, image_size, kinds, i2t_turns, mcq_answer)
+            for start in range(0, n_samples, samples_per_shard)]
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            _write_shard(*job)
+            if progress:
+                progress(len(job[1]))
+    else:
+        # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits broken
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = {pool.submit(_write_shard, *job): len(job[1]) for job in jobs}
+            for done in as_completed(futures):
+                done.result()  # a worker's error surfaces here
+                if progress:
+                    progress(futures[done])
+    paths = [job[0] for job in jobs]
     manifest = {
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
