@@ -130,28 +130,32 @@ class Engine:
                        cfg_scale: float) -> torch.Tensor:
         """CFG velocity [B, C, G, G] at (xt, t) for a prefix holding B conditional rows followed
         by B null-prompt rows (or just B rows when ``cfg_scale == 1``); outside
-        ``transport.cfg_interval`` the scale is 1. ``t``: a float or a 0-dim tensor (what a
-        captured graph reads)."""
+        ``transport.cfg_interval`` the scale is 1, and an eager step (``t`` a float) then runs
+        the conditional rows alone. ``t``: a float or a 0-dim tensor (what a captured graph
+        reads; its shapes are fixed, so it runs every row and weighs them)."""
         model, n = self.model, self.cfg.tokens_per_image
-        rows = prefix.doc_ids.shape[0]
         b = xt.shape[0]
+        w = transport.guidance_scale(t, cfg_scale, self.cfg.transport.cfg_interval)
+        rows = prefix.doc_ids.shape[0]
+        cache = prefix.cache
+        if rows > b and not torch.is_tensor(t) and w == 1.0:
+            rows, cache = b, cache.first_rows(b)  # the null rows would be weighed 0
         tokens, patch_embeds = model.image_tokens(xt)  # once per step, shared by both branches
         reps = rows // b
         tokens, patch_embeds = tokens.repeat(reps, 1, 1), patch_embeds.repeat(reps, 1, 1)
         p = prefix.length
-        doc = torch.cat([prefix.doc_ids, torch.zeros(rows, n, dtype=torch.long, device=xt.device)], 1)
-        block = torch.cat([torch.full_like(prefix.doc_ids, -1),
+        doc = torch.cat([prefix.doc_ids[:rows], torch.zeros(rows, n, dtype=torch.long, device=xt.device)], 1)
+        block = torch.cat([torch.full_like(prefix.doc_ids[:rows], -1),
                            torch.zeros(rows, n, dtype=torch.long, device=xt.device)], 1)
-        pos = prefix.next_pos[:, None] + torch.arange(n, device=xt.device)[None]
+        pos = prefix.next_pos[:rows, None] + torch.arange(n, device=xt.device)[None]
         hidden = model.llm.hidden_states(inputs_embeds=tokens, position_ids=pos,
-                                         mask=build_dense_mask(doc, block, q_len=n), cache=prefix.cache)
-        prefix.cache.crop(p)  # drop the image block: the next step recomputes it
+                                         mask=build_dense_mask(doc, block, q_len=n), cache=cache)
+        cache.crop(p)  # drop the image block: the next step recomputes it
         tt = t.expand(rows) if torch.is_tensor(t) else torch.full((rows,), t, device=xt.device)
-        v = model.velocity(hidden, tt, xt.repeat(reps, 1, 1, 1), patch_embeds, prefix.last_hidden)
+        v = model.velocity(hidden, tt, xt.repeat(reps, 1, 1, 1), patch_embeds, prefix.last_hidden[:rows])
         if reps == 1:
             return v
         v_cond, v_uncond = v[:b], v[b:]
-        w = transport.guidance_scale(t, cfg_scale, self.cfg.transport.cfg_interval)
         return v_uncond + w * (v_cond - v_uncond)
 
     @torch.no_grad()

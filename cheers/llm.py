@@ -82,6 +82,20 @@ class KVCache:
         self._len[i] = n + add
         return k[:, :, : n + add], v[:, :, : n + add]
 
+    def first_rows(self, n: int) -> KVCache:
+        """A cache of this one's first ``n`` rows over the same buffers (views, no copy).
+
+        What it appends is written into those buffers past this cache's own lengths, which
+        stay as they were: the positions this cache holds are not touched.
+        """
+        if self._k[0] is None or not 0 < n <= self._k[0].shape[0]:
+            raise InputError(f"first_rows({n}) of a KV cache holding batch {self.batch_size}")
+        view = KVCache(self.num_layers, max_len=self.max_len)
+        view._k = [None if k is None else k[:n] for k in self._k]
+        view._v = [None if v is None else v[:n] for v in self._v]
+        view._len = list(self._len)
+        return view
+
     def crop(self, n: int) -> None:
         """Forget every position from ``n`` on (keeps the buffers for reuse)."""
         if n < 0:

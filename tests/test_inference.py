@@ -86,10 +86,24 @@ def test_guidance_only_inside_cfg_interval(pipe):
         every = Engine(model).sample_images(rows, nulls, **kw)
         old = cfg.transport.cfg_interval
         cfg.transport.cfg_interval = [0.5, 1.0]
+        llm_rows = []  # rows of every LLM call: the prompt prefill, then one call a step
+        forward = model.llm.hidden_states
+
+        def counted(*args, **kwargs):
+            llm_rows.append(kwargs["inputs_embeds"].shape[0] if "inputs_embeds" in kwargs else args[0].shape[0])
+            return forward(*args, **kwargs)
+
         try:
-            got = [Engine(model, static=s).sample_images(rows, nulls, **kw) for s in (False, True)]
+            model.llm.hidden_states = counted
+            eager = Engine(model, static=False).sample_images(rows, nulls, **kw)
+            del model.llm.hidden_states
+            got = [eager, Engine(model, static=True).sample_images(rows, nulls, **kw)]
         finally:
             cfg.transport.cfg_interval = old
+            model.llm.__dict__.pop("hidden_states", None)
+        # eager steps outside the interval (t = 0, 1/3) run the conditional row alone; the
+        # steps at 2/3 and 1 (the official extra step) both rows
+        assert llm_rows == [2, 1, 1, 2, 2]
 
         def v(x, t):
             vc, vu = naive_velocity(model, rows, x, t), naive_velocity(model, nulls, x, t)

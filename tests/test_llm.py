@@ -206,6 +206,25 @@ def test_cache_batch_repeat_and_select():
     assert both.batch_size == 2 and both.seq_len == 6
 
 
+@torch.no_grad()
+def test_cache_first_rows_runs_part_of_the_batch_in_place():
+    llm = _tiny_llm()
+    prompts = torch.randint(0, 128, (3, 6))
+    nxt = torch.randint(0, 128, (2, 2))
+    cache = KVCache(llm.cfg.num_hidden_layers, max_len=10)
+    llm(prompts, cache=cache)
+    held = cache.layer(0)[0].clone()
+    part = cache.first_rows(2)
+    got = llm(nxt, cache=part)
+    torch.testing.assert_close(got, llm(torch.cat([prompts[:2], nxt], dim=1))[:, 6:], atol=1e-5, rtol=1e-5)
+    assert part.seq_len == 8 and cache.seq_len == 6  # the full cache still holds the prompts alone
+    assert torch.equal(cache.layer(0)[0], held)
+    with pytest.raises(InputError, match=r"first_rows\(4\)"):
+        cache.first_rows(4)
+    with pytest.raises(InputError, match=r"first_rows\(1\)"):
+        KVCache(2).first_rows(1)  # empty
+
+
 # --------------------------------------------------------------------------- Cheers masks
 
 
