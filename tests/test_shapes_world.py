@@ -4,6 +4,8 @@ import base64
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -347,6 +349,12 @@ def test_shards_written_by_workers_are_the_same_bytes(tmp_path):
     assert sorted(written) == [2, 7, 7, 7, 7]
     with pytest.raises(InputError, match="workers=0"):
         dataset.write_shards(str(tmp_path / "c"), 30, workers=0)
+    # a script that calls it at import time, with no `if __name__ == "__main__"` guard
+    script = tmp_path / "no_guard.py"
+    script.write_text("from cheers.shapes.dataset import write_shards\n"
+                      f"write_shards({str(tmp_path / 'e')!r}, 30, workers=2, **{kw!r})\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True)
+    assert open(tmp_path / "e" / "shapes-000004.tar", "rb").read() == open(serial[-1], "rb").read()
     with pytest.raises(InputError, match="mcq_answer"):  # refused before any worker starts
         dataset.write_shards(str(tmp_path / "d"), 30, workers=2, mcq_answer="both")
 

@@ -15,6 +15,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -191,8 +192,10 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
             if progress:
                 progress(len(job[1]))
     else:
-        # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits broken
-        ctx = multiprocessing.get_context("spawn")
+        # fork on Linux, as torch's DataLoader does: spawn would re-import the caller's main
+        # script, which breaks any script that calls this without an `if __name__` guard. The
+        # children run numpy, PIL and tar writing only, none of the parent's thread pools.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
             futures = {pool.submit(_write_shard, *job): len(job[1]) for job in jobs}
             for done in as_completed(futures):
