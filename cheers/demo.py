@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-questions", type=int, default=100, help="MMBench questions (before rotations)")
     ap.add_argument("--curriculum", type=float, default=0.35,
                     help="fraction of the training time spent on one- and two-object scenes first (0: none)")
+    ap.add_argument("--curriculum-t2i-only", action="store_true",
+                    help="the curriculum's first run trains text-to-image alone (better first images, weaker "
+                         "answers: benchmarks/RESULTS.md, session 18)")
     ap.add_argument("--i2t-turns", type=int, default=3,
                     help="questions per understanding sample: every answer is a training target for the cost "
                          "of one image through the vision tokenizer")
@@ -376,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict] = []
     offset = 0  # optimiser steps of the curriculum's first run
     if args.curriculum > 0:  # simple scenes first, then everything
+        only_t2i = ["data.ratios={t2i: 1.0, i2t: 0.0, text: 0.0}"] if args.curriculum_t2i_only else []
         first, _ = run_training(out, out / "data-easy", tok_dir, init, args.curriculum * seconds,
-                                args.overrides, args.device, log, name="run-easy")
+                                [*only_t2i, *args.overrides], args.device, log, name="run-easy")
         init = out / "init-easy"
         export(first.checkpoint, init, ema=first.ema)  # the averaged weights sample better
         history += first.history

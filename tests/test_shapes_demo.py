@@ -125,9 +125,12 @@ def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):
 def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
     cli_main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "1.5", "--samples", "300",
-              "--eval-prompts", "1", "--eval-questions", "4", "train.global_batch=8", "train.micro_batch=8",
-              "model.head.prompt_condition=true"])
+              "--eval-prompts", "1", "--eval-questions", "4", "--curriculum-t2i-only", "train.global_batch=8",
+              "train.micro_batch=8", "model.head.prompt_condition=true"])
     out = tmp_path / "demo"
+    ratios = {run: json.loads((out / run / "config.json").read_text())["data"]["ratios"] for run in ("run-easy", "run")}
+    assert ratios["run-easy"] == {"t2i": 1.0, "i2t": 0.0, "text": 0.0}  # --curriculum-t2i-only
+    assert ratios["run"]["i2t"] > 0
     # a model override reaches the starting model as well as the training runs
     for folder in ("init", "checkpoint"):
         assert json.loads((out / folder / "config.json").read_text())["head"]["prompt_condition"] is True
