@@ -168,15 +168,13 @@ class CheersModel(nn.Module):
             if self.training:
                 idle = self._idle_head(device) + (0.0 if idle is None else idle)
         loss = ce + self.cfg.transport.flow_loss_weight * flow
-        if self.align_proj is not None:
-            if align is None:  # no generation image: the projector idles
-                align = self.align_proj(hidden.new_zeros(1, hidden.shape[-1])).sum() * 0.0
+        if align is not None:
             loss = loss + self.cfg.align.weight * align
         if idle is not None:
             loss = loss + idle
         out = {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
-        if self.align_proj is not None:
-            out["align"] = align.detach()
+        if self.align_proj is not None:  # 0 in a batch without generation images
+            out["align"] = ce.new_zeros(()) if align is None else align.detach()
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
@@ -221,10 +219,14 @@ class CheersModel(nn.Module):
         return tokens.sum() * 0.0 + patch_embeds.sum() * 0.0
 
     def _idle_head(self, device) -> torch.Tensor:
-        """Zero loss through the flow head, for batches without generation images."""
+        """Zero loss through the flow head (and the alignment projector, when on), for batches
+        without generation images."""
         cfg = self.cfg
         xt = self._zero_latent(device)
         hidden = xt.new_zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size)
         detail = xt.new_zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size)
         prompt = xt.new_zeros(1, cfg.llm.hidden_size)
-        return self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum() * 0.0
+        out = self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum()
+        if self.align_proj is not None:
+            out = out + self.align_proj(prompt).sum()
+        return out * 0.0

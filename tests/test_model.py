@@ -472,9 +472,12 @@ def test_align_loss_compares_early_image_states_with_the_clean_images_semantic_c
 
     # a batch without generation images: the projector idles with a zero loss
     text_only = pack(sample_sequences(cfg)[2:], cfg)
+    model.zero_grad()
     out = model(text_only)
     assert out["align"] == 0
     torch.testing.assert_close(out["loss"], out["ce"])
+    out["loss"].backward()  # in training the projector is still in the graph (FSDP needs every gradient)
+    assert model.align_proj[0].weight.grad is not None and not model.align_proj[0].weight.grad.any()
 
     with pytest.raises(ConfigError, match="align.layer=9"):
         dataclasses.replace(base, align=AlignConfig(weight=0.5, layer=9))
