@@ -32,7 +32,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"cheers": ["assets/*", "assets/**/*"], "cheers.eval": ["data/*"]},
+    package_data={"cheers": ["assets/*", "assets/**/*"], "cheers.eval": ["data/*"], "cheers.serve": ["static/*"]},
     include_package_data=True,
     install_requires=[
         # this machine's local wheels; pip's cap here is torch<=2.14.1, torchvision<=0.29.1
@@ -51,9 +51,13 @@ setup(
         "numpy>=1.26",
         "tensorboard>=2.15",
         "matplotlib>=3.8",
+        # cheers serve
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3", "openai>=1.30", "selenium>=4.11", "httpx>=0.27"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["cheers=cheers.cli:main"]},

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import UND_PLACEHOLDER, build_config, build_model, parse_args, text_ids  # noqa: E402
+from inference_speed import UND_PLACEHOLDER, build_config, build_model, parse_args, text_ids  # noqa: E402
 
 from cheers.cuda_graphs import StaticDecoder  # noqa: E402
-from cheers.generate import Engine, pick_token  # noqa: E402
+from cheers.engine import Engine, pick_token  # noqa: E402
 
 
 def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:

@@ -59,7 +59,7 @@ def heldout_losses(pipe, folder: Path, shards: list[str], n_batches: int, device
     model = pipe.model
     data = DataConfig(
         shards=list(shards),
-        tokenizer_dir=str(folder),
+        text_tokenizer_dir=str(folder),
         shuffle_buffer=1,
         ratios={"t2i": 0.5, "i2t": 0.4, "text": 0.1},
     )
@@ -98,7 +98,7 @@ def run_qat(
             f"train.init_from={ckpt}",
             f"lcqat.init={ptq}",
             f"data.shards=[{shard_list}]",
-            f"data.tokenizer_dir={ckpt}",
+            f"data.text_tokenizer_dir={ckpt}",
             f"train.out_dir={run}",
             f"train.max_seconds={seconds}",
             f"train.device={device}",

@@ -2,7 +2,7 @@
 then for each t the noisy input xt and the clean image the model predicts from it (decoded),
 conditional on the scene's caption. Prints the latent MSE of the prediction at each t.
 
-    python benchmarks/shapes_denoise_grid.py --ckpt outputs/shapes-demo/checkpoint --out /tmp/denoise.png
+    python benchmarks/shapes_denoise_grid.py --ckpt outputs/shapes-demo/checkpoint --out outputs/denoise.png
 
 Shows at which noise level the model finds each property of the scene (position, colour,
 shape): generation from pure noise can only be as good as the predictions at the noisy end.
@@ -20,7 +20,8 @@ from PIL import Image
 from cheers.flow_head import transport
 from cheers.pipeline import Pipeline, to_pil
 from cheers.shapes.autoencoder import scene_pixels
-from cheers.shapes.world import caption, sample_scene
+from cheers.shapes.scenes import sample_scene
+from cheers.shapes.texts import caption
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         sheet.paste(to_pil(p), (0, cell * i))
     with torch.no_grad():
         x1 = model.tokenizer.encode(pixels)  # [B, C, G, G]
-        prefix = pipe.engine.prefill([pipe.tokenizer.t2i_prompt(c) for c in captions], [[] for _ in scenes])
+        prefix = pipe.engine.prefill([pipe.text_tokenizer.t2i_prompt(c) for c in captions], [[] for _ in scenes])
         noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(args.seed))
         for j, t in enumerate(args.times):
             xt = transport.interpolate(x1, noise, torch.full((len(scenes),), t))

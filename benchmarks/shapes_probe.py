@@ -2,8 +2,8 @@
 fixed time, then score GenEval tags on held-out prompts from pure noise. For comparing recipe
 and flavour options quickly, one job at a time.
 
-    cheers demo --out /tmp/base --no-cache          # once: data, tokenizer, init/
-    python benchmarks/shapes_probe.py --demo /tmp/base --out /tmp/probe1 --seconds 300 \
+    cheers demo --out outputs/base --no-cache          # once: data, tokenizer, init/
+    python benchmarks/shapes_probe.py --demo outputs/base --out outputs/probe1 --seconds 300 \
         [--scenes easy] [--tags single_object colors] [overrides of configs/shapes.yaml ...]
 
 Prints one line: steps, final flow loss, and the per-tag scores at each CFG scale.

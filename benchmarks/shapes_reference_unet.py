@@ -8,9 +8,9 @@ mean over the caption's tokens) plus the time embedding, and trained on the clea
 (x1) loss. What it reaches bounds what the whole model can be asked to reach in the same
 number of steps, and the latent options (``vae.*`` overrides) can be compared on it.
 
-    cheers demo --out /tmp/base --no-cache           # once: data-easy/ shards and tokenizer/
-    python benchmarks/shapes_reference_unet.py --demo /tmp/base --out /tmp/ref --seconds 300 -- \
-        [vae.pooled_alpha_latent=true vae.z_channels=5]
+    cheers demo --out outputs/base --no-cache        # once: data-easy/ shards and tokenizer/
+    python benchmarks/shapes_reference_unet.py --demo outputs/base --out outputs/ref --seconds 300 -- \
+        [vae.z_channels=5 ...]
 
 Trains its own VAE first (``--vae-seconds``), as the demo does, then the U-Net on the
 text-to-image samples of ``DEMO/data-easy`` (one- and two-object scenes). Prints one JSON

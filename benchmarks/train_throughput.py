@@ -213,17 +213,17 @@ def bench_cheers(args) -> list[dict]:
     device = _device()
     gpu = device.type == "cuda"
     model_cfg = flavour(args.dims or ("cheers-1.5b" if gpu else "debug"))
-    tok_dir = args.tokenizer_dir
-    if not tok_dir:
+    text_tokenizer_dir = args.text_tokenizer_dir
+    if not text_tokenizer_dir:
         # no Qwen tokenizer offline: a small BPE whose special tokens take ids 0..7; the
         # model keeps its full vocabulary, so the step costs the same
         from cheers.text_tokenizer import train_bpe
 
-        tok_dir = tempfile.mkdtemp()
-        train_bpe(["a red circle above a blue square", "two green crosses"] * 20, 300).save(tok_dir)
+        text_tokenizer_dir = tempfile.mkdtemp()
+        train_bpe(["a red circle above a blue square", "two green crosses"] * 20, 300).save(text_tokenizer_dir)
         model_cfg = dataclasses.replace(model_cfg, tokens=flavour("debug").tokens)
     run = RunConfig(model=model_cfg)
-    run.data.tokenizer_dir = tok_dir
+    run.data.text_tokenizer_dir = text_tokenizer_dir
     try:
         with torch.device(device):
             model = task.build_model(model_cfg)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours", help="module:factory of our LLM (LLMConfig -> module)")
     parser.add_argument("--variants", help="llm: comma-separated variants to run besides transformers "
                         "(trainer, trainer+compile, ours, ours+compile; default all)")
-    parser.add_argument("--tokenizer-dir", default="")
+    parser.add_argument("--text-tokenizer-dir", default="")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows: list[dict] = []

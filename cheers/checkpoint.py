@@ -25,7 +25,14 @@ from cheers.config import (
     to_dict,
 )
 from cheers.errors import CheckpointError, ConfigError
-from cheers.hf_io import load_checked, read_json, read_state_dict, write_json, write_state_dict
+from cheers.model import CheersModel
+from cheers.safetensors_io import (
+    load_checked,
+    read_json,
+    read_state_dict,
+    write_json,
+    write_state_dict,
+)
 from cheers.tokenizer import vae_keys
 
 # ours <-> official prefixes of the parts whose inner names are identical
@@ -86,7 +93,7 @@ def config_from_official(data: dict[str, Any], *, source: str = "config.json",
         stage_b_heads=siglip.num_attention_heads, stage_b_kv_heads=llm.num_key_value_heads,
     )
     return ModelConfig(
-        flavour="official",
+        flavour="custom",
         llm=llm,
         tokenizer=TokenizerConfig(vae=vae, siglip=siglip, image_size=siglip.image_size),
         head=head,
@@ -105,17 +112,12 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
          "the released model embeds t in [0, 1] as is"),
         ("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm, reads_xt),
         ("head.latent_to_stage_b", cfg.head.latent_to_stage_b, reads_xt),
-        ("head.grid_conv", cfg.head.grid_conv, "the released head's blocks have no convolution"),
         (f"head.stage_b_kind={cfg.head.stage_b_kind}", cfg.head.stage_b_kind != "dit",
          "the released stage B is a DiT"),
         ("head.prompt_condition", cfg.head.prompt_condition,
          "the released head reads the prompt only through the image tokens"),
         ("tokenizer.vae.pooled_rgb_latent", cfg.tokenizer.vae.pooled_rgb_latent,
          "the released VAE's latent channels are all learned"),
-        ("tokenizer.vae.pooled_alpha_latent", cfg.tokenizer.vae.pooled_alpha_latent,
-         "the released VAE's latent channels are all learned"),
-        (f"align.weight={cfg.align.weight}", cfg.align.weight > 0,
-         "the released model has no alignment projector"),
     )
     for name, on, why in shapes_world_options:
         if on:
@@ -215,9 +217,7 @@ def ours_to_official(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 # --------------------------------------------------------------------------- folders
 
 
-def _build(cfg: ModelConfig, dtype: torch.dtype, device):
-    from cheers.model import CheersModel  # model imports stay out of config-only callers
-
+def _build(cfg: ModelConfig, dtype: torch.dtype, device) -> CheersModel:
     with torch.device("meta"):
         model = CheersModel(cfg).to(dtype)
     model.to_empty(device=device)

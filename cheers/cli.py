@@ -1,7 +1,8 @@
-"""``cheers`` command line: demo, generate, edit, understand, chat, train, export, convert, init, info.
+"""The cheers command line: a thin shell over the Python API.
 
-Every command is a thin shell over the Python API. Errors on bad input print one line naming
-the problem and exit with status 2 (no traceback).
+Every argument is checked before any model work; a bad one prints one line naming the problem
+and exits with status 2 (no traceback). Commands that write images take --out the same way:
+a folder (one <name>.png per image), or a path ending in .png for a single image.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ import json
 import sys
 from pathlib import Path
 
+from cheers.cli_args import (
+    OneLineParser,
+    check_image,
+    fail,
+    image_file,
+    image_outputs,
+    non_empty,
+    non_negative_int,
+    number,
+    output_folder,
+    positive_int,
+)
+from cheers.config import FLAVOURS
 from cheers.errors import CheersError
 
 
@@ -31,13 +45,13 @@ def _pipeline(args):
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default: the checkpoint's)")
-    p.add_argument("--shift", type=float, default=None,
-                   help="time shift a of t -> a t / (1 + (a - 1) t) (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--cfg", type=number(0.0), default=None,
+                   help="classifier-free guidance scale, >= 0 (default: the checkpoint's)")
+    p.add_argument("--shift", type=number(0.0, low_open=True), default=None,
+                   help="time shift a > 0 of t -> a t / (1 + (a - 1) t) (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def _fill_sampling(args, pipe) -> None:
@@ -63,15 +77,16 @@ def cmd_generate(args) -> None:
         if not args.prompts.is_file():
             raise CheersError(f"prompts file not found: {args.prompts}")
         prompts += [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
-    if not prompts or any(not p.strip() for p in prompts):
+    if not prompts:
         raise CheersError("give a non-empty --prompt or a --prompts file")
+    jobs = [(p, k) for p in prompts for k in range(args.n)]
+    paths = image_outputs(args.out, [f"{i:05d}" for i in range(len(jobs))])
     pipe = _pipeline(args)
     _fill_sampling(args, pipe)
     if args.size is not None and args.size != pipe.image_size:
         raise CheersError(f"--size {args.size}: this checkpoint generates {pipe.image_size} px images "
                           f"(a multiple of its {pipe.cfg.tokenizer.siglip.patch_size * 2} px token grid)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(p, k) for p in prompts for k in range(args.n)]
+    pipe.t2i_rows(prompts)  # a prompt too long for the model is refused before any sampling
     bar = tqdm(total=len(jobs) * args.steps, desc="generate", unit="step")
     for i in range(0, len(jobs), args.batch_size):
         chunk = jobs[i:i + args.batch_size]
@@ -83,22 +98,21 @@ def cmd_generate(args) -> None:
         for j, ((prompt, _), img) in enumerate(zip(chunk, images)):
             meta = {"prompt": prompt, "seed": seed + j, "steps": args.steps, "cfg": args.cfg,
                     "shift": args.shift, "sampler": args.sampler, "ckpt": str(args.ckpt or "shapes-demo")}
-            _save_png(img, args.out / f"{i + j:05d}.png", meta)
+            _save_png(img, paths[i + j], meta)
     bar.close()
-    print(f"wrote {len(jobs)} images to {args.out}")
+    print(f"wrote {len(jobs)} image{'s' if len(jobs) > 1 else ''} to {args.out}")
 
 
 def cmd_edit(args) -> None:
+    (path,) = image_outputs(args.out, [args.image.stem], protect=(args.image,))
     pipe = _pipeline(args)
     _fill_sampling(args, pipe)
-    if not args.prompt.strip():
-        raise CheersError("the prompt is empty")
+    pipe.t2i_rows([args.prompt])
     img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=args.steps,
                     cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _save_png(img, args.out, {"prompt": args.prompt, "source": str(args.image), "strength": args.strength,
-                              "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "shift": args.shift})
-    print(f"wrote {args.out}")
+    _save_png(img, path, {"prompt": args.prompt, "source": str(args.image), "strength": args.strength,
+                          "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "shift": args.shift})
+    print(f"wrote {path}")
 
 
 def _decode_kwargs(args) -> dict:
@@ -108,6 +122,7 @@ def _decode_kwargs(args) -> dict:
 
 def cmd_understand(args) -> None:
     pipe = _pipeline(args)
+    pipe.i2t_row(args.question, len(args.image))
     for piece in pipe.stream(args.image, args.question, **_decode_kwargs(args)):
         print(piece, end="", flush=True)
     print()
@@ -131,7 +146,11 @@ def cmd_chat(args) -> None:
             images, history = [], []
             continue
         if line.startswith("/image "):
-            images.append(line.split(" ", 1)[1].strip())
+            try:
+                images.append(check_image(line.split(" ", 1)[1].strip()))
+            except CheersError as e:
+                print(f"error: {e}")
+                continue
             history = []  # a new image starts a new conversation about the images
             continue
         try:
@@ -200,40 +219,46 @@ def _forward(target: str, argv: list[str]) -> None:
         sys.exit(rc)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cheers", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+OUT_HELP = "a folder (one <name>.png per image) or a path ending in .png for a single image"
 
-    p = sub.add_parser("generate", help="text-to-image")
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineParser(prog="cheers", description=__doc__,
+                       formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=26))
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate images from text prompts")
     _ckpt_arg(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=non_empty, help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a file with one prompt per line")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--size", type=int, default=None, help="image size (must match the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out", type=Path, default=Path("outputs/generate"))
+    p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--size", type=positive_int, default=None, help="image size (must match the checkpoint)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--out", type=Path, default=Path("outputs/generate"), help=OUT_HELP + " (files 00000.png, ...)")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("edit", help="edit an image with a prompt")
+    p = sub.add_parser("edit", help="edit an image following a prompt")
     _ckpt_arg(p)
-    p.add_argument("--image", type=Path, required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--strength", type=float, default=0.9, help="1 - start time (paper: start at t = 0.1)")
-    p.add_argument("--out", type=Path, default=Path("outputs/edit.png"))
+    p.add_argument("--image", type=image_file, required=True)
+    p.add_argument("--prompt", type=non_empty, required=True)
+    p.add_argument("--strength", type=number(0.0, 1.0, low_open=True), default=0.9,
+                   help="1 - start time, in (0, 1] (paper: start at t = 0.1)")
+    p.add_argument("--out", type=Path, default=Path("outputs/edit"), help=OUT_HELP + " (named after --image)")
     _sampling_args(p)
     p.set_defaults(fn=cmd_edit)
 
     for name, fn in (("understand", cmd_understand), ("chat", cmd_chat)):
-        p = sub.add_parser(name, help="answer a question about images" if name == "understand" else "interactive chat")
+        p = sub.add_parser(name, help="answer a question about images" if name == "understand"
+                           else "chat about images, interactively")
         _ckpt_arg(p)
-        p.add_argument("--image", type=Path, action="append", required=name == "understand")
+        p.add_argument("--image", type=image_file, action="append", required=name == "understand")
         if name == "understand":
-            p.add_argument("--question", required=True)
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--question", type=non_empty, required=True)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
+        p.add_argument("--temperature", type=number(0.0), default=0.0, help=">= 0 (0: greedy)")
+        p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
+        p.add_argument("--seed", type=non_negative_int, default=0)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in the official or our layout")
@@ -242,24 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["official", "cheers"], required=True)
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("init", help="compose a cheers-1.5b starting point from pretrained parts")
+    p = sub.add_parser("init", help="compose a starting point from pretrained parts")
     p.add_argument("--llm", type=Path, required=True)
     p.add_argument("--siglip", type=Path, required=True)
     p.add_argument("--vae", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=Path("outputs/cheers-init"))
+    p.add_argument("--out", type=output_folder, default=Path("outputs/cheers-init"))
     p.add_argument("--no-strict", action="store_true", help="load what fits instead of failing")
     p.set_defaults(fn=cmd_init)
 
-    p = sub.add_parser("info", help="parameter breakdown of a flavour (built on the meta device)")
-    p.add_argument("--flavour", default="cheers-1.5b")
+    p = sub.add_parser("info", help="parameter count of a flavour, part by part")
+    p.add_argument("--flavour", default="cheers-1.5b", choices=sorted(FLAVOURS))
     p.set_defaults(fn=cmd_info)
 
-    for name, module in (("demo", "cheers.demo:main"), ("debug-checkpoint", "cheers.debug_checkpoint:main"),
-                         ("eval", "cheers.eval.cli:main"),
-                         ("quantize", "cheers.quantize:main"),
-                         ("train", "cheers.train.__main__:main"),
-                         ("export", "cheers.train.__main__:export_main")):
-        p = sub.add_parser(name, help=f"see `cheers {name} --help`", add_help=False)
+    # commands with parsers of their own: `cheers NAME --help` shows their arguments
+    for name, module, summary in (
+            ("demo", "cheers.demo:main", "train and score the shapes-world model on a CPU"),
+            ("debug-checkpoint", "cheers.debug_checkpoint:main", "write a random debug-flavour checkpoint"),
+            ("eval", "cheers.eval.cli:main", "run GenEval, DPG-Bench, MMBench or MME"),
+            ("quantize", "cheers.quantize:main", "quantize a checkpoint's LLM to 2 bits"),
+            ("train", "cheers.train.__main__:main", "train from a YAML recipe with dotted overrides"),
+            ("export", "cheers.train.__main__:export_main", "export a training checkpoint as a model folder"),
+            ("serve", "cheers.serve.cli:main", "serve a checkpoint over HTTP")):
+        p = sub.add_parser(name, help=summary, add_help=False)
         p.set_defaults(fn=None, module=module)
     return ap
 
@@ -276,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                 ap.error(f"unrecognised arguments: {' '.join(rest)}")
             args.fn(args)
     except CheersError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"cheers {args.cmd}", str(e))
     except KeyboardInterrupt:
         sys.exit(130)
 

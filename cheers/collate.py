@@ -47,11 +47,11 @@ def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
 class Collator:
     """Callable ``list[RawSample] -> Batch``."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer, *, label_policy: str = "assistant",
+    def __init__(self, cfg: ModelConfig, text_tokenizer: TextTokenizer, *, label_policy: str = "assistant",
                  cfg_drop_rate: float | None = None):
-        if tokenizer.special != cfg.tokens:
-            raise InputError(f"tokenizer special ids {tokenizer.special} differ from model.tokens {cfg.tokens}")
-        self.cfg, self.tok = cfg, tokenizer
+        if text_tokenizer.special != cfg.tokens:
+            raise InputError(f"text tokenizer special ids {text_tokenizer.special} differ from model.tokens {cfg.tokens}")
+        self.cfg, self.tok = cfg, text_tokenizer
         self.policy = label_policy
         self.drop = cfg.transport.cfg_drop_rate if cfg_drop_rate is None else cfg_drop_rate
 
@@ -87,6 +87,6 @@ class Collator:
         return pack(seqs, self.cfg, rows=rows)
 
 
-def make_collate(cfg: ModelConfig, tokenizer_dir: str | Path) -> Callable[[list], Batch]:
+def make_collate(cfg: ModelConfig, text_tokenizer_dir: str | Path) -> Callable[[list], Batch]:
     """The trainer's collate function for a model config and a ``tokenizer.json`` folder."""
-    return Collator(cfg, TextTokenizer.from_dir(tokenizer_dir))
+    return Collator(cfg, TextTokenizer.from_dir(text_tokenizer_dir))

@@ -16,8 +16,8 @@ import torch
 
 from cheers.config import ModelConfig, SiglipConfig, TokenizerConfig, flavour
 from cheers.errors import CheckpointError
-from cheers.hf_io import load_checked, read_json, read_state_dict
-from cheers.llm import hf_to_llm_state_dict, llm_config_from_hf
+from cheers.llm_hf_adapter import hf_to_llm_state_dict, llm_config_from_hf
+from cheers.safetensors_io import load_checked, read_json, read_state_dict
 from cheers.tokenizer.vae_keys import load_vae_folder, vae_config_from_diffusers
 
 _SIGLIP_DROP = ("text_model.", "logit_scale", "logit_bias")
@@ -66,7 +66,7 @@ def compose_config(llm_dir: Path, siglip_dir: Path, vae_dir: Path, base: ModelCo
     tok = TokenizerConfig(vae=vae, siglip=sig, image_size=sig.image_size,
                           compressor_hidden=base.tokenizer.compressor_hidden,
                           compressor_ln_eps=base.tokenizer.compressor_ln_eps)
-    return dataclasses.replace(base, flavour="composed", llm=llm, tokenizer=tok, head=head,
+    return dataclasses.replace(base, flavour="custom", llm=llm, tokenizer=tok, head=head,
                                max_seq_len=min(base.max_seq_len, llm.max_position_embeddings))
 
 

@@ -75,23 +75,9 @@ class VAEConfig:
     norm_groups: int = 32
     latent_patch: int = 2  # the latent is patchified 2x2 before the BatchNorm
     bn_eps: float = 1e-4
-    # latent channels 0-2 are the image's RGB average-pooled to the latent grid (the encoder's
-    # own outputs there are dropped); False for every released VAE. The shapes flavour uses it:
-    # colour is then linear in the latent, so a half-confident prediction decodes to a faded
-    # colour of the right hue (with a learned latent, halfway from the background to red
-    # decoded green or black)
+    # latent channels 0-2 are the image's RGB average-pooled to the latent grid (False for every
+    # released VAE): colour is then linear in the latent, so a mix of latents decodes to a mix of colours
     pooled_rgb_latent: bool = False
-    # with pooled_rgb_latent: latent channel 3 is the share of each cell covered by anything
-    # that is not the plain background ``alpha_background`` (RGB in [0, 1]; a pixel at least
-    # ``alpha_full_distance`` from it in some channel counts as fully covered), scaled to
-    # [-1, 1]. The mean of many colours is close to a grey background, so a prompt that names
-    # no colour asked the pooled RGB channels for nothing visible; the coverage channel says
-    # where an object is whatever its colour. Off in every flavour: after 300 s, a reference conv
-    # U-Net (benchmarks/shapes_reference_unet.py) went from colors 0.23 to 0.39-0.53 with it, and
-    # the Cheers probes did not gain (benchmarks/RESULTS.md, session 15)
-    pooled_alpha_latent: bool = False
-    alpha_background: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    alpha_full_distance: float = 0.34
 
     @property
     def downsample(self) -> int:
@@ -130,9 +116,8 @@ class TokenizerConfig:
     image_size: int = 512
     compressor_hidden: int | None = None  # None: 4 x siglip width (the official MLP)
     compressor_ln_eps: float = 1e-5
-    # Scale every LLM token the compressor emits to this RMS (None: unscaled, as released).
-    # A model trained from scratch otherwise grows the image tokens without bound (RMS
-    # 0.07 -> 19 in the shapes demo) until they drown the prompt in the residual stream.
+    # scale every LLM token the compressor emits to this RMS (None: unscaled, as released): trained
+    # from scratch, the image tokens otherwise grow until they drown the prompt in the residual stream
     compressor_out_rms: float | None = None
     # Add a trainable linear map of each LLM token's 2x2 latent cells to its compressor output
     # (not in the released model, whose LLM sees xt only through its pixel decoder and SigLIP2,
@@ -164,16 +149,8 @@ class FlowHeadConfig:
     # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
     # "raster": 0..N-1.
     stage_b_positions: Literal["official", "raster"] = "official"
-    # Give every head block a depthwise 3x3 convolution over its token grid (before the MLP;
-    # not in the released head, off in every flavour). A plain DiT trained briefly on shapes
-    # latents broke its samples into many small dots without it and drew whole blobs with it;
-    # in the whole shapes model it did not raise GenEval (benchmarks/RESULTS.md, session 13)
-    grid_conv: bool = False
-    # "conv": stage B is a one-level convolutional U-Net (stage_b_blocks residual blocks per level,
-    # modulated by the time embedding; cheers/flow_head/conv_stage.py) instead of DiT blocks.
-    # Not in the released head; off in every flavour. With prompt_condition and the x1 loss, a
-    # 300 s text-to-image probe drew compact objects (colors 0.172, against 0.000 with the DiT
-    # stage B), but the 15-minute demo did not gain (benchmarks/RESULTS.md, session 14)
+    # "conv": stage B is a one-level convolutional U-Net (flow_head/conv_stage.py) instead of the
+    # released DiT blocks: a locality prior that draws compact objects on a small budget
     stage_b_kind: Literal["dit", "conv"] = "dit"
     stage_b_conv_width: int | None = None  # channels of the conv stage B (None: the SigLIP width)
     # Add a linear map of the prompt state (the LLM's final state at the <im_start> before the
@@ -195,12 +172,10 @@ class TransportConfig:
     # with prediction="x1" the velocity is v = (x1_pred - xt) / max(1 - t, x1_loss_t_min), in the
     # loss and in sampling: the clamp bounds the 1 / (1 - t)^2 weight on nearly clean times
     x1_loss_t_min: float = 0.05
-    # what the flow loss compares: "velocity" (the released model: MSE to x1 - x0, which weighs
-    # an x1 error by 1 / (1 - t)^2) or "x1" (MSE of the implied clean latent, the same weight
-    # at every t: the noisy times, where the layout is decided, count as much as the clean ones).
-    # Use "x1" with a small x1_loss_t_min (0.05): with a larger clamp a head trained to the true
-    # x1 makes the sampler's velocity undershoot near t = 1 (the shapes flavour's 0.25 fits only
-    # the velocity loss, under which the head learns to absorb the clamp)
+    # what the flow loss compares: "velocity" (released: MSE to x1 - x0, an x1 error weighed by
+    # 1 / (1 - t)^2) or "x1" (the implied clean latent, so the noisy times that decide the layout
+    # count as much as the clean ones); use "x1" with a small x1_loss_t_min, or the sampler's
+    # velocity undershoots near t = 1
     loss_target: Literal["velocity", "x1"] = "velocity"
     flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2
@@ -208,10 +183,7 @@ class TransportConfig:
     sample_shift: float = 0.5
     cfg_scale: float = 9.5
     # classifier-free guidance only for lo <= t <= hi, the conditional velocity alone elsewhere
-    # (guidance in a limited interval, Kynkaanniemi et al. 2024). [0, 1]: every step, as released,
-    # and in every flavour. On shapes models, starting at t = 0.2-0.5 removed most empty images
-    # (a prompt with no colour guided away from the null prompt's busier average), but the
-    # objects that appeared were mostly misdrawn and colour adherence fell (RESULTS, session 16)
+    # (Kynkaanniemi et al. 2024); [0, 1], every step, is the released sampler
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # the official sampler takes one extra Euler step of size 1/N past t = 1
     official_last_step: bool = True
@@ -220,34 +192,6 @@ class TransportConfig:
         iv = self.cfg_interval
         if len(iv) != 2 or not 0.0 <= iv[0] <= iv[1] <= 1.0:
             raise ConfigError(f"transport.cfg_interval={iv}: expected [lo, hi] with 0 <= lo <= hi <= 1")
-
-
-@dataclass(kw_only=True)
-class AlignConfig:
-    """Representation alignment of the generated image (REPA, Yu et al. 2024). Not in the
-    released model; off (``weight`` 0) in every flavour unless set.
-
-    During text-to-image training, the LLM's image-token states after layer ``layer`` (they
-    read the noisy latent) pass through a small MLP, and the loss adds ``weight`` times
-    (1 - cosine similarity) between its output and the semantic encoder's features of the
-    clean image (each LLM token against its 2x2 SigLIP cells; a constant target: no gradient
-    flows into the encoder through it). The LLM is thus asked to see the clean image's
-    semantics through the noise early in its depth. On the shapes world
-    it cost 10% of the steps and moved no score, in 300 s probes or the 15-minute demo
-    (benchmarks/RESULTS.md, session 17).
-    """
-
-    weight: float = 0.0
-    layer: int = 2  # 1 .. llm.num_hidden_layers
-    proj_hidden: int = 512
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"align.weight={self.weight} must be >= 0")
-        if self.layer < 1:
-            raise ConfigError(f"align.layer={self.layer} must be >= 1 (layers count from 1)")
-        if self.proj_hidden < 1:
-            raise ConfigError(f"align.proj_hidden={self.proj_hidden} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -268,12 +212,11 @@ class SpecialTokens:
 class ModelConfig:
     """The whole Cheers model."""
 
-    flavour: str = "custom"
+    flavour: str = "custom"  # a FLAVOURS name the other keys override; "custom": every key as given
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     head: FlowHeadConfig = field(default_factory=FlowHeadConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
     max_seq_len: int = 4096
     # T2I prompts without an image get a dummy image block prepended (official quirk)
@@ -296,9 +239,6 @@ class ModelConfig:
                 f"the SigLIP patch grid {tok.image_size // tok.siglip.patch_size} must be even "
                 "for the 2x2 compressor"
             )
-        if self.align.weight > 0 and self.align.layer > self.llm.num_hidden_layers:
-            raise ConfigError(f"align.layer={self.align.layer} is past the LLM's "
-                              f"{self.llm.num_hidden_layers} layers")
         if self.llm.hidden_size % self.head.stage_a_heads:
             raise ConfigError(
                 f"llm.hidden_size={self.llm.hidden_size} not divisible by head.stage_a_heads"
@@ -373,21 +313,59 @@ def _flavour_debug() -> ModelConfig:
     )
 
 
+def _flavour_shapes() -> ModelConfig:
+    """The ``shapes`` flavour: the whole Cheers architecture, small enough to train on a CPU.
+
+    64 px images, an 8x8 latent grid of 16 channels (a 4x VAE + 2x2 patchify), a 2-layer
+    semantic encoder with 8 px patches, 16 LLM tokens per image, a 4-layer LLM of width 192.
+    Its departures from the released model, each for a reason that holds at this size (the
+    measurements are in benchmarks/RESULTS.md, "Shapes world"):
+
+    - ``transport.prediction="x1"``: direct velocity prediction leaves speckle in the samples;
+    - plain Euler to t = 1 (no official extra step) and no dummy image prefix;
+    - ``tokenizer.compressor_out_rms``: trained from scratch, the image tokens otherwise grow
+      until the prompt no longer moves them;
+    - ``head.time_scale=1000``: with t in [0, 1] as is, most time frequencies are flat;
+    - ``vae.pooled_rgb_latent``: three of the four latent channels are the pooled RGB, so a mix
+      of latents decodes to a mix of colours instead of another hue;
+    - ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``: the LLM tokens and stage B read
+      the noisy latent directly, since the demo keeps its pixel decoder and semantic encoder frozen.
+    """
+    return ModelConfig(
+        flavour="shapes",
+        llm=LLMConfig(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                      rope_theta=10000.0),
+        tokenizer=TokenizerConfig(
+            image_size=64,
+            vae=VAEConfig(ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, decoder_ch=16, decoder_ch_mult=[1, 2, 4],
+                          decoder_num_res_blocks=0, z_channels=4, norm_groups=8, pooled_rgb_latent=True),
+            siglip=SiglipConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                patch_size=8, image_size=64, use_head=False),
+            compressor_hidden=256,
+            compressor_out_rms=0.05,  # image tokens at the scale of word embeddings, or they drown the prompt
+            latent_to_llm=True,
+        ),
+        head=FlowHeadConfig(stage_a_blocks=2, stage_a_heads=6, stage_a_kv_heads=2, stage_b_blocks=2,
+                            stage_b_heads=4, stage_b_kv_heads=2, mlp_ratio=2, stage_b_positions="raster",
+                            time_scale=1000.0, latent_to_stage_b=True),
+        transport=TransportConfig(prediction="x1", x1_loss_t_min=0.25, cfg_drop_rate=0.1, sample_steps=20, sample_shift=1.0,
+                                  cfg_scale=3.0, official_last_step=False),
+        tokens=SpecialTokens(pad=0, chat_start=1, eos=2, image=3, image_gen=4, im_start=5, im_end=6, no_mean=7),
+        max_seq_len=256,
+        dummy_image_prefix=False,
+    )
+
+
 FLAVOURS: dict[str, typing.Callable[[], ModelConfig]] = {
     "debug": _flavour_debug,
+    "shapes": _flavour_shapes,
     "cheers-1.5b": _flavour_cheers_1_5b,
 }
 
 
-def register_flavour(name: str, builder: typing.Callable[[], ModelConfig]) -> None:
-    """Add a named flavour (used by the shapes world)."""
-    FLAVOURS[name] = builder
-
-
 def flavour(name: str) -> ModelConfig:
     """The ``ModelConfig`` of a named flavour."""
-    if name == "shapes" and name not in FLAVOURS:
-        import cheers.shapes.flavour  # noqa: F401  (registers itself)
     if name not in FLAVOURS:
         raise ConfigError(f"unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}")
     return FLAVOURS[name]()
@@ -512,11 +490,10 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a dict that may name a base ``flavour`` and override parts of it."""
     data = dict(data)
     name = data.get("flavour")
-    if name == "shapes":
-        flavour(name)  # registers it
-    if name is not None and name in FLAVOURS:
-        base = to_dict(flavour(name))
-        data = merge(base, data)
+    if name is not None and name != "custom":  # "custom": every field given, no base
+        if name not in FLAVOURS:
+            raise ConfigError(f"model.flavour: unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}")
+        data = merge(to_dict(flavour(name)), data)
     return from_dict(ModelConfig, data, prefix="model.")
 
 

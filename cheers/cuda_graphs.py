@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from cheers.errors import InputError
-from cheers.llm import LLM, KVCache
+from cheers.kv_cache import KVCache
+from cheers.llm import LLM
 
 
 class StaticKVCache(KVCache):

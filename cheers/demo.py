@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from cheers.cli_args import OneLineParser, non_negative_int, number, output_folder, positive_int
 from cheers.config import load_yaml, merge, parse_overrides
 from cheers.errors import CheersError
 
@@ -64,7 +65,7 @@ def _corpus(shard_dir: Path) -> list[str]:
     return texts
 
 
-def train_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 512):
+def train_text_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 512):
     """Byte-level BPE over the shards' texts plus ``extra``. Every sample also carries the
     chat template (the system turn, the role names): it enters the corpus at that frequency,
     or BPE leaves it in single letters (a 53-token generation prompt instead of 30)."""
@@ -101,19 +102,19 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
             if was != value:
                 raise CheersError(f"{folder} holds shards written with {flags[key]} {was}, not {value}: "
                                   f"use another --out, or {flags[key]} {was}")
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
+    text_tokenizer_dir = out / "tokenizer"
+    if not (text_tokenizer_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows
-        from cheers.shapes.world import format_mmbench_prompt
+        from cheers.shapes.texts import format_mmbench_prompt
 
         extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
                   for r in mmbench_rows(200, seed=seed + 100, circular=False)]
-        train_tokenizer([data, easy], extra).save(tok_dir)
-    log(f"data: {n_train} samples in {data}, {n_train // 3} simple ones in {easy}; tokenizer in {tok_dir}")
-    return data, tok_dir
+        train_text_tokenizer([data, easy], extra).save(text_tokenizer_dir)
+    log(f"data: {n_train} samples in {data}, {n_train // 3} simple ones in {easy}; tokenizer in {text_tokenizer_dir}")
+    return data, text_tokenizer_dir
 
 
-def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log,
+def build_init(out: Path, text_tokenizer_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log,
                overrides: list[str] = ()) -> Path:
     """The starting model: the tiny VAE trained first (and copied into the pixel decoder), then
     the tiny semantic encoder pretrained on dense labels (``cheers.shapes.semantic``). The model
@@ -128,19 +129,14 @@ def build_init(out: Path, tok_dir: Path, vae_seconds: float, semantic_seconds: f
     if (init / "model.safetensors").is_file():
         return init
     cfg = shapes_run_config(overrides).model
-    tok = TextTokenizer.from_dir(tok_dir)
+    tok = TextTokenizer.from_dir(text_tokenizer_dir)
     if tok.special != cfg.tokens or tok.vocab_size > cfg.llm.vocab_size:
-        raise CheersError(f"tokenizer {tok_dir} does not fit the shapes flavour")
-    bar = tqdm(desc="vae", unit="step", leave=False)
-    vae, losses = train_vae(cfg.tokenizer.vae, cfg.tokenizer.image_size, seconds=vae_seconds, seed=seed,
-                            progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
-    bar.close()
+        raise CheersError(f"tokenizer {text_tokenizer_dir} does not fit the shapes flavour")
+    vae, losses = train_vae(cfg.tokenizer.vae, cfg.tokenizer.image_size, seconds=vae_seconds, seed=seed, desc="vae")
     log(f"vae: {len(losses)} steps, reconstruction loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-    bar = tqdm(desc="semantic encoder", unit="step", leave=False)
     encoder, sem_losses, acc = train_semantic_encoder(
         cfg.tokenizer.siglip, None, cfg.tokenizer.image_size, seconds=semantic_seconds, seed=seed,
-        progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-    bar.close()
+        desc="semantic encoder")
     log(f"semantic encoder: {len(sem_losses)} steps, loss {np.mean(sem_losses[:10]):.3f} -> "
         f"{np.mean(sem_losses[-10:]):.3f}; patch accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     torch.manual_seed(seed)
@@ -162,12 +158,12 @@ def shapes_run_config(overrides: list[str]):
     return run_config_from_dict(merge(load_yaml(CONFIG), parse_overrides(list(overrides))))
 
 
-def run_training(out: Path, data: Path, tok_dir: Path, init: Path, seconds: float, overrides: list[str],
+def run_training(out: Path, data: Path, text_tokenizer_dir: Path, init: Path, seconds: float, overrides: list[str],
                  device: str, log, name: str = "run"):
     from cheers.train.trainer import train
 
     run_dir = out / name
-    over = [f"data.shards=['{data}/*.tar']", f"data.tokenizer_dir={tok_dir}", f"train.init_from={init}",
+    over = [f"data.shards=['{data}/*.tar']", f"data.text_tokenizer_dir={text_tokenizer_dir}", f"train.init_from={init}",
             f"train.out_dir={run_dir}", f"train.device={device}", f"train.max_seconds={seconds:.0f}"]
     cfg = shapes_run_config(over + list(overrides))
     log(f"training for {seconds / 60:.1f} min (at most {cfg.train.steps} steps) in {run_dir}")
@@ -224,7 +220,7 @@ def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
 
 def open_answer(text: str) -> str:
     """The first word of an answer, lower case, without punctuation, number words as digits."""
-    from cheers.shapes.world import NUMBER_WORDS
+    from cheers.shapes.texts import NUMBER_WORDS
 
     words = text.lower().replace(".", " ").replace(",", " ").split()
     if not words:
@@ -330,30 +326,32 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cheers demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("outputs/shapes-demo"))
-    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
+    ap = OneLineParser(prog="cheers demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=output_folder, default=Path("outputs/shapes-demo"),
+                    help="the run's folder (data, checkpoints, report)")
+    ap.add_argument("--minutes", type=number(0.0, low_open=True), default=15.0,
+                    help="wall-clock budget for the whole demo (> 0)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=30000, help="training samples to write")
-    ap.add_argument("--eval-prompts", type=int, default=16, help="GenEval prompts per tag")
-    ap.add_argument("--eval-questions", type=int, default=100, help="MMBench questions (before rotations)")
-    ap.add_argument("--curriculum", type=float, default=0.35,
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--samples", type=positive_int, default=30000, help="training samples to write")
+    ap.add_argument("--eval-prompts", type=positive_int, default=16, help="GenEval prompts per tag")
+    ap.add_argument("--eval-questions", type=positive_int, default=100, help="MMBench questions (before rotations)")
+    ap.add_argument("--curriculum", type=number(0.0, 1.0, high_open=True), default=0.35,
                     help="fraction of the training time spent on one- and two-object scenes first (0: none)")
     ap.add_argument("--curriculum-t2i-only", action="store_true",
                     help="the curriculum's first run trains text-to-image alone (better first images, weaker "
-                         "answers: benchmarks/RESULTS.md, session 18)")
-    ap.add_argument("--i2t-turns", type=int, default=3,
+                         "answers: benchmarks/RESULTS.md, Shapes world)")
+    ap.add_argument("--i2t-turns", type=positive_int, default=3,
                     help="questions per understanding sample: every answer is a training target for the cost "
                          "of one image through the vision tokenizer")
     ap.add_argument("--mcq-answer", choices=("option", "letter"), default="option",
                     help="how understanding samples answer multiple-choice questions: with the option's text "
                          "(MMBench's rule-based extraction reads the letter back from it) or with the letter")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
     args = ap.parse_args(argv)
+    shapes_run_config(args.overrides)  # a bad override is refused before any work
     from cheers.pipeline import Pipeline, default_checkpoint
 
     if args.threads:
@@ -367,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"[{budget.elapsed() / 60:5.1f} min] {msg}")
         tqdm.write(lines[-1])
 
-    data, tok_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns, args.mcq_answer)
+    data, text_tokenizer_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns, args.mcq_answer)
     # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
     # against 0.34 after the 1,000 steps of 5%)
-    init = build_init(out, tok_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,
+    init = build_init(out, text_tokenizer_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,
                       seed=args.seed, log=log, overrides=args.overrides)
     eval_reserve = min(0.12 * budget.total, 120.0)  # evaluation takes about a minute on a CPU
     from cheers.train.checkpoint import export
@@ -380,21 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     offset = 0  # optimiser steps of the curriculum's first run
     if args.curriculum > 0:  # simple scenes first, then everything
         only_t2i = ["data.ratios={t2i: 1.0, i2t: 0.0, text: 0.0}"] if args.curriculum_t2i_only else []
-        first, _ = run_training(out, out / "data-easy", tok_dir, init, args.curriculum * seconds,
+        first, _ = run_training(out, out / "data-easy", text_tokenizer_dir, init, args.curriculum * seconds,
                                 [*only_t2i, *args.overrides], args.device, log, name="run-easy")
         init = out / "init-easy"
         export(first.checkpoint, init, ema=first.ema)  # the averaged weights sample better
         history += first.history
         offset = first.step
         seconds = max(60.0, budget.left() - eval_reserve)
-    result, run_dir = run_training(out, data, tok_dir, init, seconds, args.overrides, args.device, log)
+    result, run_dir = run_training(out, data, text_tokenizer_dir, init, seconds, args.overrides, args.device, log)
     history += [{**h, "step": h["step"] + offset} for h in result.history]
     result.history = history
     result.step += offset
 
     ckpt = out / "checkpoint"
     export(result.checkpoint, ckpt, ema=result.ema)
-    shutil.copy(tok_dir / "tokenizer.json", ckpt / "tokenizer.json")
+    shutil.copy(text_tokenizer_dir / "tokenizer.json", ckpt / "tokenizer.json")
     pipe = Pipeline.from_pretrained(ckpt, device=args.device)
     tc = pipe.cfg.transport
     gen = evaluate_geneval(pipe, out, args.eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, log)

@@ -2,7 +2,7 @@
 
 ``CheersModel.forward(batch) -> {"loss", "ce", "flow"}`` for any mix of text-to-image,
 image-to-text and text-only samples. No I/O here: loading lives in ``cheers/checkpoint.py``,
-sampling in ``cheers/generate.py``.
+sampling in ``cheers/engine.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from cheers.llm import LLM
 from cheers.losses import linear_cross_entropy
 from cheers.sequence import IGNORE, Batch
 from cheers.tokenizer.vision import VisionTokenizer
-from cheers.weight_init import normal_linears_
 
 
 class CheersModel(nn.Module):
@@ -30,19 +29,6 @@ class CheersModel(nn.Module):
         self.tokenizer = VisionTokenizer(cfg)
         self.llm = LLM(cfg.llm)
         self.head = CascadedFlowHead(cfg)
-        # align.weight > 0: image-token states after LLM layer align.layer -> the semantic
-        # encoder's features of the clean image, one SigLIP cell per quarter of the output
-        d_llm, d_sig = cfg.llm.hidden_size, cfg.tokenizer.siglip.hidden_size
-        self.align_proj = nn.Sequential(
-            nn.Linear(d_llm, cfg.align.proj_hidden), nn.SiLU(), nn.Linear(cfg.align.proj_hidden, 4 * d_sig)
-        ) if cfg.align.weight > 0 else None
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> CheersModel:
-        """Our checkpoint folder or the released (official) one; see ``cheers.checkpoint.load_pretrained``."""
-        from cheers.checkpoint import load_pretrained  # the I/O lives there
-
-        return load_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ parts
 
@@ -51,7 +37,6 @@ class CheersModel(nn.Module):
         self.tokenizer.init_weights()
         self.llm.init_weights()
         self.head.init_weights()
-        normal_linears_(self.align_proj)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Blocks to shard one by one before the root (LLM, SigLIP and head blocks)."""
@@ -69,10 +54,8 @@ class CheersModel(nn.Module):
         With ``transport.prediction == "x1"`` the head predicts the clean latent and the
         velocity is ``(x1 - xt) / max(1 - t, x1_loss_t_min)``, in training and in sampling
         alike: above ``t = 1 - x1_loss_t_min`` the loss makes the output ``xt + t_min v``
-        rather than x1, and reading it as x1 there scaled the last velocities by up to
-        ``t_min / (1 - t)`` (the shapes recipe, 20 steps: 4.7x at the last step, and colours
-        came out oversaturated, an orange star as yellow). The released model predicts the
-        velocity.
+        rather than x1, and reading it as x1 there would scale the last velocities by up to
+        ``t_min / (1 - t)``. The released model predicts the velocity.
         """
         out = self.head(hidden, t, patch_embeds, xt, prompt)  # [I, G*G, C]
         g = self.cfg.latent_grid
@@ -130,11 +113,7 @@ class CheersModel(nn.Module):
             idle = self._idle_tokens(device)
         embeds = self.embed(batch.input_ids, batch.image_index, batch.image_slot, tokens)
         mask = build_dense_mask(batch.doc_ids, batch.block_ids)
-        capture = self.cfg.align.layer if self.align_proj is not None else None
-        states = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask,
-                                        capture_layer=capture)
-        hidden, early = states if capture is not None else (states, None)  # early: after align.layer
-        align = None
+        hidden = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask)
 
         has_target = batch.targets != IGNORE
         if has_target.any():
@@ -149,14 +128,9 @@ class CheersModel(nn.Module):
             n = self.cfg.tokens_per_image
             sel = torch.isin(batch.image_index, gen_idx)
             at = (torch.searchsorted(gen_idx, batch.image_index[sel]), batch.image_slot[sel])
-
-            def image_states(states: torch.Tensor) -> torch.Tensor:
-                """[B, L, D] -> [len(gen_idx), n, D]: each generation image's states in slot order."""
-                return states.new_empty(len(gen_idx), n, states.shape[-1]).index_put(at, states[sel])
-
-            h_img = image_states(hidden)  # the velocity is read at the slots themselves
-            if early is not None:
-                align = self.align_loss(image_states(early), batch.images[gen_idx.to(batch.images.device)])
+            # [len(gen_idx), n, D]: each generation image's states in slot order; the velocity is
+            # read at the slots themselves
+            h_img = hidden.new_empty(len(gen_idx), n, hidden.shape[-1]).index_put(at, hidden[sel])
             prompt = self.prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
             v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
             tc = self.cfg.transport
@@ -168,27 +142,12 @@ class CheersModel(nn.Module):
             if self.training:
                 idle = self._idle_head(device) + (0.0 if idle is None else idle)
         loss = ce + self.cfg.transport.flow_loss_weight * flow
-        if align is not None:
-            loss = loss + self.cfg.align.weight * align
         if idle is not None:
             loss = loss + idle
         out = {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
-        if self.align_proj is not None:  # 0 in a batch without generation images
-            out["align"] = ce.new_zeros(()) if align is None else align.detach()
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
-
-    def align_loss(self, h_early: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """Mean ``1 - cos`` between the projected states h_early [I, N, D_llm] and the semantic
-        encoder's features of the clean images pixels [I, 3, H, W] (a constant target), per SigLIP cell."""
-        with torch.no_grad():
-            target, _ = self.tokenizer.siglip(pixels.to(h_early.dtype))  # [I, G*G, D_sig]
-        g2 = self.cfg.latent_grid // 2
-        # the same 2x2 cell layout as the compressor's and the head's pixel shuffle
-        target = rearrange(target, "i (gi py gj px) d -> i (gi gj) (py px) d", gi=g2, py=2, px=2)
-        pred = rearrange(self.align_proj(h_early), "i n (q d) -> i n q d", q=4)
-        return (1.0 - torch.nn.functional.cosine_similarity(pred, target, dim=-1)).mean()
 
     def prompt_states(self, batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
         """The state [len(gen_idx), D] of the ``<im_start>`` just before each generation image's
@@ -219,14 +178,10 @@ class CheersModel(nn.Module):
         return tokens.sum() * 0.0 + patch_embeds.sum() * 0.0
 
     def _idle_head(self, device) -> torch.Tensor:
-        """Zero loss through the flow head (and the alignment projector, when on), for batches
-        without generation images."""
+        """Zero loss through the flow head, for batches without generation images."""
         cfg = self.cfg
         xt = self._zero_latent(device)
         hidden = xt.new_zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size)
         detail = xt.new_zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size)
         prompt = xt.new_zeros(1, cfg.llm.hidden_size)
-        out = self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum()
-        if self.align_proj is not None:
-            out = out + self.align_proj(prompt).sum()
-        return out * 0.0
+        return self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum() * 0.0

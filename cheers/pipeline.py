@@ -16,8 +16,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cheers.checkpoint import load_pretrained
+from cheers.engine import Engine
 from cheers.errors import CheckpointError, InputError
-from cheers.generate import Engine
 from cheers.images import square_tensor
 from cheers.sequence import null_prompt
 from cheers.text_tokenizer import TextTokenizer
@@ -54,22 +54,22 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
 class Pipeline:
     """A loaded model + its text tokenizer, ready for generation, editing and understanding."""
 
-    def __init__(self, model, tokenizer: TextTokenizer):
+    def __init__(self, model, text_tokenizer: TextTokenizer):
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.text_tokenizer = text_tokenizer
         self.engine = Engine(model)
         self.cfg = model.cfg
-        if tokenizer.special != self.cfg.tokens:
+        if text_tokenizer.special != self.cfg.tokens:
             raise CheckpointError(
-                f"the tokenizer's special ids {tokenizer.special} differ from the model config's {self.cfg.tokens}")
+                f"the text tokenizer's special ids {text_tokenizer.special} differ from the model config's {self.cfg.tokens}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        tokenizer: str | Path | None = None) -> Pipeline:
+                        text_tokenizer: str | Path | None = None) -> Pipeline:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {path}")
-        tok = TextTokenizer.from_dir(tokenizer or path)
+        tok = TextTokenizer.from_dir(text_tokenizer or path)
         model = load_pretrained(path, device=device, dtype=dtype, tokens=tok.special)
         return cls(model, tok)
 
@@ -101,12 +101,41 @@ class Pipeline:
         return (steps, tc.cfg_scale if cfg_scale is None else cfg_scale,
                 tc.sample_shift if shift is None else shift)
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence the model takes: its ``max_seq_len``, within the LLM's positions."""
+        return min(self.cfg.max_seq_len, self.cfg.llm.max_position_embeddings)
+
+    def t2i_rows(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of text-to-image prompts, each checked to fit the model with its image
+        block (and the dummy image prefix, when the model has one): a prompt that is too long
+        is refused here, before any sampling."""
+        extra = self.cfg.tokens_per_image * (2 if self.cfg.dummy_image_prefix else 1)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            ids = self.text_tokenizer.t2i_prompt(prompt)
+            if len(ids) + extra > self.max_tokens:
+                raise InputError(
+                    f"prompt {i + 1} is too long: {len(ids)} tokens plus the image's {extra} exceed the "
+                    f"model's maximum of {self.max_tokens} tokens")
+            rows.append(ids)
+        return rows
+
+    def i2t_row(self, question: str, n_images: int, history=None) -> list[int]:
+        """Token ids of an understanding prompt, checked to fit the model with its images."""
+        ids = self.text_tokenizer.i2t_prompt(question, n_images, history=history)
+        n = len(ids) - n_images + n_images * self.cfg.tokens_per_image  # each placeholder -> its tokens
+        if n >= self.max_tokens:  # at least one token must be left to answer
+            raise InputError(f"the question is too long: with its {n_images} image(s) it takes {n} tokens, "
+                             f"the model's maximum is {self.max_tokens}")
+        return ids
+
     def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
                          cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
                          start: tuple[torch.Tensor, float] | None = None,
                          callback: Callable[[int], None] | None = None) -> torch.Tensor:
         steps, cfg_scale, shift = self.sampling_settings(steps, cfg_scale, shift)
-        rows = [self.tokenizer.t2i_prompt(p) for p in prompts]
+        rows = self.t2i_rows(prompts)
         nulls = [null_prompt(r, self.cfg) for r in rows]
         noise = torch.cat([self._noise(1, s) for s in seeds])
         dummies = [self._dummy(s) for s in seeds] if self.cfg.dummy_image_prefix else None
@@ -120,6 +149,7 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
+        self.t2i_rows(prompts)  # every prompt checked before the first batch samples
         out: list[Image.Image] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
@@ -135,6 +165,7 @@ class Pipeline:
         (the paper's recipe: strength 0.9, i.e. t = 0.1)."""
         if not 0.0 < strength <= 1.0:
             raise InputError(f"--strength must be in (0, 1], got {strength}")
+        self.t2i_rows([prompt])
         pixels = load_image(image, self.image_size)[None].to(self.engine.device)
         with torch.no_grad():
             x_src = self.model.tokenizer.encode(pixels)
@@ -147,8 +178,8 @@ class Pipeline:
     def stream(self, images: list, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, history=None) -> Iterator[str]:
         """Yield the answer piece by piece as tokens are decoded (streaming)."""
+        ids = self.i2t_row(question, len(images), history=history)
         pix = [load_image(im, self.image_size) for im in images]
-        ids = self.tokenizer.i2t_prompt(question, len(pix), history=history)
         stop = {self.cfg.tokens.eos, self.cfg.tokens.pad}
         g = torch.Generator(device=self.engine.device).manual_seed(seed)
         got: list[int] = []
@@ -159,7 +190,7 @@ class Pipeline:
             if tok in stop:
                 break
             got.append(tok)
-            new = self.tokenizer.decode(got)
+            new = self.text_tokenizer.decode(got)
             if len(new) > len(text):
                 yield new[len(text):]
                 text = new

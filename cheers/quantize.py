@@ -62,7 +62,7 @@ def llm_inputs(model, batch, generator: torch.Generator | None = None) -> dict[s
 
 def calibration_batches(
     model,
-    tokenizer_dir: str | Path,
+    text_tokenizer_dir: str | Path,
     shards: list[str],
     *,
     samples: int,
@@ -81,12 +81,12 @@ def calibration_batches(
     data = DataConfig(
         shards=list(shards),
         ratios=dict(CALIB_MIX),
-        tokenizer_dir=str(tokenizer_dir),
+        text_tokenizer_dir=str(text_tokenizer_dir),
         shuffle_buffer=64,
         num_workers=0,
     )
     loader = SampleLoader(data, image_size=model.cfg.tokenizer.image_size, seed=seed)
-    collate = make_collate(model.cfg, tokenizer_dir)
+    collate = make_collate(model.cfg, text_tokenizer_dir)
     # calibration sees the prompts the model answers to: no classifier-free-guidance drop
     collate.drop = 0.0
     device = next(model.parameters()).device
@@ -158,8 +158,8 @@ def quantize_checkpoint(
     fake-quantized twin of the packed folder) and what ``quantize.json`` records. ``opts``: ``LCQConfig`` fields
     (lcqat) or ``damp`` (gptq)."""
     from cheers.checkpoint import load_pretrained, quantization_of, save_pretrained
-    from cheers.hf_io import read_json, write_json
     from cheers.lcqat import quantize_model
+    from cheers.safetensors_io import read_json, write_json
 
     ckpt, out = Path(ckpt), Path(out)
     if quantization_of(ckpt) is not None:

@@ -28,7 +28,7 @@ def answer_batch(
 
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
-    tok, size = pipe.tokenizer, pipe.image_size
+    tok, size = pipe.text_tokenizer, pipe.image_size
     stop = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
     answers: list[str] = []
     for start in range(0, len(items), batch_size):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cheers.errors import InputError
-from cheers.shapes.world import BACKGROUND, COLOURS, PALETTE, SHAPES
+from cheers.shapes.scenes import BACKGROUND, COLOURS, PALETTE, SHAPES
 
 _PALETTE = np.array([PALETTE[c] for c in COLOURS] + [BACKGROUND], dtype=np.float32)  # [11, 3]
 _BG = len(COLOURS)
@@ -296,7 +296,7 @@ def matches_ground_truth(detections: list[dict], objects, centre_tolerance: floa
     detection per object with its class and colour, box centres within
     ``centre_tolerance`` pixels, and no other detection above ``min_score``.
 
-    ``objects`` are ``cheers.shapes.world.ShapeObject``s or their ``to_dict()`` dicts.
+    ``objects`` are ``cheers.shapes.scenes.ShapeObject``s or their ``to_dict()`` dicts.
     """
     dets = [d for d in detections if d["score"] > min_score]
     gts = [o.to_dict() if hasattr(o, "to_dict") else o for o in objects]

@@ -25,16 +25,8 @@ import numpy as np
 from cheers.errors import InputError
 from cheers.eval.dpg import COLUMNS as DPG_COLUMNS
 from cheers.eval.geneval_rules import relative_position
-from cheers.shapes.world import (
-    COLOURS,
-    INVERSE_RELATION,
-    NUMBER_WORDS,
-    PLURALS,
-    SHAPES,
-    noun_phrase,
-    render,
-    sample_scene,
-)
+from cheers.shapes.scenes import COLOURS, INVERSE_RELATION, SHAPES, render, sample_scene
+from cheers.shapes.texts import NUMBER_WORDS, PLURALS, noun_phrase
 
 MME_COLUMNS = ("index", "image", "question", "answer", "category", "image_path")
 MME_SUFFIX = " Please answer yes or no."

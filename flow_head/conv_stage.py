@@ -3,8 +3,7 @@
 Not in the released head, whose stage B is a DiT. It is what a CPU-sized shapes model can
 learn to draw with in minutes: 3x3 residual blocks see each cell's neighbours from the first
 layer on, and every block is modulated by one condition vector (the time embedding, plus the
-prompt state with ``head.prompt_condition``). A throwaway conv U-Net of this shape drew compact
-shapes with corners in 300 s where DiTs drew round blobs (benchmarks/RESULTS.md, session 13).
+prompt state with ``head.prompt_condition``).
 
     x [B, G*G, D_in] (raster) -> conv 3x3 -> [B, W, G, G]
       -> n x ResBlock -> skip -> stride-2 conv -> n x ResBlock -> nearest 2x up

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from cheers.errors import InputError
 from cheers.llm import RMSNorm, apply_rope, rope_cos_sin
 
 
@@ -50,50 +47,22 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class GridConv(nn.Module):
-    """Depthwise 3x3 convolution over the square raster grid of a token sequence.
-
-    ``x [B, N, D] -> [B, N, D]`` with ``N = side^2`` tokens in raster order: each token mixes
-    with its 8 grid neighbours, channel by channel (zero padding at the border).
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = math.isqrt(x.shape[1])
-        if side * side != x.shape[1]:
-            raise InputError(f"a grid convolution needs a square number of tokens, got {x.shape[1]}")
-        grid = rearrange(x, "b (h w) d -> b d h w", h=side)
-        return rearrange(self.conv(grid), "b d h w -> b (h w) d")
-
-
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: 6-way modulation [shift, scale, gate] x [attention, MLP] from ``temb``.
+    """adaLN-Zero block: 6-way modulation [shift, scale, gate] x [attention, MLP] from ``temb``."""
 
-    With ``grid_conv`` the MLP's modulated input also gets a depthwise 3x3 convolution of
-    itself over the token grid (``h + conv(h)``), a locality prior the released head lacks.
-    """
-
-    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_ratio: int, eps: float,
-                 grid_conv: bool = False):
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_ratio: int, eps: float):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, eps)
         self.attn = HeadAttention(dim, heads, kv_heads)
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_ratio * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.grid_conv = GridConv(dim) if grid_conv else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope) -> torch.Tensor:
         """x [B, N, D], temb [B, 1, D] -> [B, N, D]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(temb).chunk(6, dim=-1)
         x = x + gate_a * self.attn(modulate(self.input_layernorm(x), shift_a, scale_a), rope)
-        h = modulate(self.post_attention_layernorm(x), shift_m, scale_m)
-        if self.grid_conv is not None:
-            h = h + self.grid_conv(h)
-        x = x + gate_m * self.mlp(h)
+        x = x + gate_m * self.mlp(modulate(self.post_attention_layernorm(x), shift_m, scale_m))
         return x
 
 
@@ -115,11 +84,11 @@ class DiTStage(nn.Module):
     """A stack of DiT blocks plus the final layer (one stage of the cascaded head)."""
 
     def __init__(self, *, dim: int, out_dim: int, depth: int, heads: int, kv_heads: int,
-                 mlp_ratio: int, eps: float, rope_theta: float, grid_conv: bool = False):
+                 mlp_ratio: int, eps: float, rope_theta: float):
         super().__init__()
         self.head_dim = dim // heads
         self.rope_theta = rope_theta
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, kv_heads, mlp_ratio, eps, grid_conv)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, kv_heads, mlp_ratio, eps)
                                     for _ in range(depth))
         self.final = FinalLayer(dim, out_dim, eps)
 

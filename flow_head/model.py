@@ -82,8 +82,7 @@ class CascadedFlowHead(nn.Module):
         self.time_embed = TimeEmbedding(hc.time_freq_dim, d_llm, d_sig, hc.time_scale)
         self.stage_a = DiTStage(dim=d_llm, out_dim=4 * d_sig, depth=hc.stage_a_blocks,
                                 heads=hc.stage_a_heads, kv_heads=hc.stage_a_kv_heads,
-                                mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta,
-                                grid_conv=hc.grid_conv)
+                                mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
         self.gate = DetailGate(d_sig, hc.gate_ln_eps)
         c_latent = cfg.tokenizer.vae.latent_channels
         if hc.stage_b_kind == "conv":
@@ -92,8 +91,7 @@ class CascadedFlowHead(nn.Module):
         else:
             self.stage_b = DiTStage(dim=d_sig, out_dim=c_latent, depth=hc.stage_b_blocks,
                                     heads=hc.stage_b_heads, kv_heads=hc.stage_b_kv_heads,
-                                    mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta,
-                                    grid_conv=hc.grid_conv)
+                                    mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
         self.latent_in = nn.Linear(c_latent, d_sig) if hc.latent_to_stage_b else None
         # prompt state [B, D_llm] -> additions to the time embeddings of stage A and stage B
         self.prompt_in = nn.Linear(d_llm, d_llm + d_sig) if hc.prompt_condition else None

@@ -2,12 +2,13 @@
 
 Modules: ``hadamard`` (fast orthogonal transforms), ``lcq_linear`` (``LCQConfig``,
 ``LCQLinear``, ``apply_lcqat``), ``ptq`` (Hessian-aware initialisation, block fine-tuning),
-``pack`` (packed format, ``PackedLCQLinear``), ``kernels`` (Triton, loaded lazily),
+``codes`` (4 codes per byte), ``pack`` (packed format, ``PackedLCQLinear``), ``kernels`` (Triton, loaded lazily),
 ``baselines`` (RTN, GPTQ, LSQ), ``api`` (``quantize_model``).
 """
 
 from .api import QuantizeReport, quantize_model
 from .baselines import LSQLinear, ScalarQuantLinear, apply_lsq, gptq_quantize, rtn_quantize
+from .codes import pack_codes, unpack_codes
 from .hadamard import HadamardPlan, hadamard_matrix, hadamard_plan, hadamard_transform, random_signs
 from .lcq_linear import LCQConfig, LCQLinear, RoundWithEstimator, apply_lcqat, estimator_grad
 from .pack import (
@@ -15,9 +16,7 @@ from .pack import (
     bits_per_weight,
     export_lcqat,
     load_lcqat,
-    pack_codes,
     to_packed,
-    unpack_codes,
 )
 from .ptq import lcq_ptq_layer, ldlq_round
 

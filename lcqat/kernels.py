@@ -22,6 +22,8 @@ from torch import Tensor
 
 from cheers.errors import InputError
 
+from .codes import unpack_codes
+
 GEMV_MAX_ROWS = 8
 
 
@@ -39,8 +41,6 @@ def split_activation(xt: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def reference_lcq_matmul(xt: Tensor, codes: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """The kernels' algebra in plain PyTorch (any device): ``codes x' + c``. [B, n] -> [B, m]"""
-    from .pack import unpack_codes
-
     xp, c = split_activation(xt.float(), a.float(), b.float())
     z = unpack_codes(codes).float()  # [m, n]
     return xp.reshape(xt.shape[0], -1) @ z.T + c[:, None]

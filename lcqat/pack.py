@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from cheers.errors import CheckpointError, InputError
 
+from .codes import pack_codes, unpack_codes
 from .hadamard import HADAMARD_MODES, hadamard_plan, hadamard_transform
 from .lcq_linear import VEC, LCQConfig, LCQLinear, _check_in_features, set_submodule
 
@@ -47,24 +48,6 @@ def packed_layout(
     if bias:
         layout["bias"] = ((out_features,), SCALE_DTYPE)
     return layout
-
-
-def pack_codes(z: Tensor) -> Tensor:
-    """Codes [m, n] in {0..3} -> bytes [m, n/4] uint8 (4 codes per byte, first code lowest)."""
-    if z.shape[-1] % VEC:
-        raise InputError(
-            f"cannot pack codes of shape {tuple(z.shape)}: last size not a multiple of 4"
-        )
-    if z.numel() and int(z.max()) > 3:
-        raise InputError(f"codes must lie in 0..3, found {int(z.max())}")
-    z = z.to(torch.uint8).reshape(*z.shape[:-1], -1, VEC)  # [m, n/4, 4]
-    return z[..., 0] | (z[..., 1] << 2) | (z[..., 2] << 4) | (z[..., 3] << 6)
-
-
-def unpack_codes(packed: Tensor) -> Tensor:
-    """Bytes [m, n/4] uint8 -> codes [m, n] uint8."""
-    parts = [(packed >> (2 * i)) & 3 for i in range(VEC)]
-    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
 class PackedLCQLinear(nn.Module):
@@ -243,7 +226,7 @@ def export_lcqat(
 ) -> Path:
     """Write ``folder/model.safetensors`` (packed) and ``folder/config.json`` = ``config`` plus
     the ``quantization`` section. Returns the folder."""
-    from cheers.hf_io import write_json, write_safetensors
+    from cheers.safetensors_io import write_json, write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -337,7 +320,7 @@ def load_lcqat(
     ``PackedLCQLinear``; a missing tensor, a wrong shape or dtype, or an unknown layer raises
     ``CheckpointError`` naming it. Returns ``model``.
     """
-    from cheers.hf_io import read_json, read_safetensors
+    from cheers.safetensors_io import read_json, read_safetensors
 
     folder = Path(folder)
     cfg_path = folder / "config.json"

@@ -15,7 +15,7 @@ from cheers.cli import main as cli_main
 from cheers.compose import compose
 from cheers.config import flavour
 from cheers.errors import CheckpointError
-from cheers.hf_io import read_state_dict
+from cheers.safetensors_io import read_state_dict
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official_cheers_tiny"
 
@@ -35,7 +35,10 @@ def test_convert_official_to_ours_and_back_is_exact(tmp_path):
     a, b = load_file(OFFICIAL / "model.safetensors"), load_file(tmp_path / "official" / "model.safetensors")
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "official" / "config.json").read_text())["text_config"]["hidden_size"] == 32
+    text, again = (json.loads((d / "config.json").read_text())["text_config"] for d in (OFFICIAL, tmp_path / "official"))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings"):
+        assert again[key] == text[key], key
 
 
 def test_missing_and_misshaped_tensors_are_named(debug_model, tmp_path):
@@ -112,7 +115,8 @@ def test_init_composes_parts_unchanged(tmp_path):
     # and the CLI writes a folder that loads alone
     cli_main(["init", "--llm", str(llm_dir), "--siglip", str(sig_dir), "--vae", str(vae_dir),
               "--out", str(tmp_path / "init")])
-    assert load_pretrained(tmp_path / "init").cfg.llm.hidden_size == 32
+    llm_config = json.loads((llm_dir / "config.json").read_text())
+    assert load_pretrained(tmp_path / "init").cfg.llm.hidden_size == llm_config["hidden_size"]
 
 
 def test_init_reads_the_vae_in_the_original_format(tmp_path):

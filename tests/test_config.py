@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from cheers.config import (
+    FLAVOURS,
     ModelConfig,
     flavour,
     from_dict,
@@ -17,15 +19,31 @@ from cheers.config import (
     to_dict,
 )
 from cheers.errors import ConfigError
+from cheers.train.config import load_run_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def test_flavours_round_trip_through_json():
-    for name in ("debug", "cheers-1.5b"):
+    assert {"debug", "shapes", "cheers-1.5b"} <= set(FLAVOURS)
+    for name in FLAVOURS:
         cfg = flavour(name)
+        assert cfg.flavour == name
         again = from_dict(ModelConfig, json.loads(json.dumps(to_dict(cfg))))
         assert again == cfg
+        assert model_config_from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg  # as a checkpoint reloads
+
+
+@pytest.mark.parametrize("name", ["shape", "Shapes", "cheers-1.5"])
+def test_an_unknown_flavour_is_refused_with_the_valid_ones(name):
+    """A misspelt flavour must not fall back to the default (cheers-1.5b-sized) config."""
+    for build in (lambda: model_config_from_dict({"flavour": name}),
+                  lambda: load_run_config(None, [f"model.flavour={name}"])):
+        known = ", ".join(sorted(FLAVOURS))
+        with pytest.raises(ConfigError, match=re.escape(f"unknown flavour '{name}'; known: {known}")):
+            build()
+    # "custom" names no base: every key as given
+    assert model_config_from_dict({"flavour": "custom"}) == ModelConfig()
 
 
 def test_unknown_key_is_named():
@@ -53,8 +71,22 @@ def test_inconsistent_dimensions_are_refused():
         model_config_from_dict({"flavour": "debug", "tokenizer": {"image_size": 72}})
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_recipe_has_a_valid_model_section(path):
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_the_recipes_include_every_flavour():
+    named = {load_yaml(p).get("model", {}).get("flavour") for p in RECIPES}
+    assert set(FLAVOURS) <= named, f"flavours without a recipe: {set(FLAVOURS) - named}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_whole_and_round_trips(path):
     data = load_yaml(path)
-    if "model" in data:
-        model_config_from_dict(data["model"])
+    assert isinstance(data.get("model"), dict), f"{path.name} has no model: section"
+    assert data["model"].get("flavour") in FLAVOURS, f"{path.name}: model.flavour must name a flavour"
+    run = load_run_config(path)  # every section, strict keys
+    model = run.model
+    assert model.flavour == data["model"]["flavour"]
+    assert model_config_from_dict(data["model"]) == model
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(model)))) == model
+    assert model_config_from_dict(json.loads(json.dumps(to_dict(model)))) == model

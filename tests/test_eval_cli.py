@@ -21,6 +21,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_shapes_suite_and_the_file_commands(ckpt, tmp_path):
     out = tmp_path / "ev"
     cli_main(
@@ -162,6 +163,7 @@ def test_bad_input_exits_2_with_one_line(ckpt, tmp_path, capsys):
     assert e.value.code == 2 and "mmdet" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_adapters_over_a_pipeline(ckpt):
     from cheers.eval.adapters.lmms_eval import CheersLMMs
     from cheers.eval.adapters.vlmevalkit import CheersVLM

@@ -42,6 +42,7 @@ def _write_meta(path, records):
     return path
 
 
+@pytest.mark.slow
 def test_layout_and_resumption(tiny_pipe, tmp_path):
     meta = geneval.read_metadata(_write_meta(tmp_path / "meta.jsonl", META))
     out = tmp_path / "gen"

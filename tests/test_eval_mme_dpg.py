@@ -179,7 +179,7 @@ def test_dpg_bad_csv_names_the_row(tmp_path):
 
 def test_shapes_vqa_and_sets(tmp_path):
     from cheers.eval.shapes_sets import ShapesVQA, dpg_item, mme_rows, write_dpg_set
-    from cheers.shapes.world import render, sample_scene
+    from cheers.shapes.scenes import render, sample_scene
 
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -1,4 +1,4 @@
-"""Inference engines: the cached paths equal naive full recomputation; CFG; CLI bad inputs."""
+"""Inference engines: the cached paths equal naive full recomputation; CFG."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from cheers.attention import build_dense_mask
-from cheers.cli import main as cli_main
 from cheers.cuda_graphs import StaticDecoder
 from cheers.debug_checkpoint import make_debug_checkpoint
+from cheers.engine import Engine
 from cheers.flow_head import transport
-from cheers.generate import Engine
 from cheers.pipeline import Pipeline
 from cheers.sequence import expand_placeholders, null_prompt, pack
 
@@ -46,7 +45,7 @@ def naive_velocity(model, rows, xt, t):
 def test_prefix_cache_equals_full_recomputation(pipe):
     p, _ = pipe
     model, cfg = p.model, p.cfg
-    rows = [p.tokenizer.t2i_prompt("a red circle"), p.tokenizer.t2i_prompt("two blue squares above a star")]
+    rows = [p.text_tokenizer.t2i_prompt("a red circle"), p.text_tokenizer.t2i_prompt("two blue squares above a star")]
     nulls = [null_prompt(r, cfg) for r in rows]
     noise = torch.randn(2, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid)
     scale = 3.0
@@ -64,7 +63,7 @@ def test_prefix_cache_equals_full_recomputation(pipe):
 def test_cfg_scale_one_is_the_conditional_branch(pipe):
     p, _ = pipe
     cfg = p.cfg
-    rows = [p.tokenizer.t2i_prompt("a green star")]
+    rows = [p.text_tokenizer.t2i_prompt("a green star")]
     noise = torch.randn(1, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid)
     eng = Engine(p.model)
     a = eng.sample_images(rows, [null_prompt(rows[0], cfg)], noise=noise, steps=3, cfg_scale=1.0, shift=0.5)
@@ -77,7 +76,7 @@ def test_guidance_only_inside_cfg_interval(pipe):
     alone and the others the guided one; eager and fixed-shape steps agree."""
     p, _ = pipe
     model, cfg = p.model, p.cfg
-    rows = [p.tokenizer.t2i_prompt("a red circle")]
+    rows = [p.text_tokenizer.t2i_prompt("a red circle")]
     nulls = [null_prompt(rows[0], cfg)]
     noise = torch.randn(1, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid,
                         generator=torch.Generator().manual_seed(2))
@@ -128,7 +127,7 @@ def test_cached_decoding_equals_step_by_step(pipe):
     p, _ = pipe
     model, cfg = p.model, p.cfg
     image = torch.rand(3, 64, 64)
-    ids = p.tokenizer.i2t_prompt("What colour is the circle?")
+    ids = p.text_tokenizer.i2t_prompt("What colour is the circle?")
     got = [int(t[0]) for t in Engine(model).decode_text([ids], [[image]], max_new_tokens=6, stop_ids={-1})]
     # naive: re-run the whole sequence for every new token
     seq_ids, naive = list(ids), []
@@ -145,7 +144,7 @@ def test_cached_decoding_equals_step_by_step(pipe):
 def _static_vs_dynamic(model, p, device):
     """Latents and decoding logits of the static-shape steps against the dynamic ones."""
     cfg = p.cfg
-    rows = [p.tokenizer.t2i_prompt("a red circle"), p.tokenizer.t2i_prompt("two blue squares above a star")]
+    rows = [p.text_tokenizer.t2i_prompt("a red circle"), p.text_tokenizer.t2i_prompt("two blue squares above a star")]
     nulls = [null_prompt(r, cfg) for r in rows]
     noise = torch.randn(2, cfg.tokenizer.vae.latent_channels, cfg.latent_grid, cfg.latent_grid,
                         generator=torch.Generator().manual_seed(0)).to(device)
@@ -155,8 +154,8 @@ def _static_vs_dynamic(model, p, device):
     # the static cache's whole capacity; fixed next tokens, logits compared at every step
     gen = torch.Generator().manual_seed(1)
     images = [[torch.rand(3, 64, 64, generator=gen)], [torch.rand(3, 64, 64, generator=gen)]]
-    questions = [p.tokenizer.i2t_prompt("What colour is the circle?"),
-                 p.tokenizer.i2t_prompt("Hi there, how many shapes are in this picture?")]
+    questions = [p.text_tokenizer.i2t_prompt("What colour is the circle?"),
+                 p.text_tokenizer.i2t_prompt("Hi there, how many shapes are in this picture?")]
     feed = torch.randint(8, cfg.llm.vocab_size, (5, 2), generator=gen).to(device)
     eng = Engine(model)
     logits = []
@@ -204,55 +203,10 @@ def test_cuda_graphs_equal_eager(pipe):
 def test_stop_tokens_stop(pipe):
     p, _ = pipe
     image = torch.rand(3, 64, 64)
-    ids = p.tokenizer.i2t_prompt("What colour?")
+    ids = p.text_tokenizer.i2t_prompt("What colour?")
     eng = Engine(p.model)
     first = [int(t[0]) for t in eng.decode_text([ids], [[image]], max_new_tokens=5, stop_ids={-1})]
     stop = first[1]
     stopped = [int(t[0]) for t in eng.decode_text([ids], [[image]], max_new_tokens=5, stop_ids={stop})]
     # decoding ends right after the first stop token it emits
     assert stopped == first[: first.index(stop) + 1]
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["generate", "--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
-    (["generate", "--prompt", "  "], "non-empty --prompt"),
-    (["generate", "--prompt", "x", "--size", "72"], "--size 72"),
-    (["understand", "--image", "{bad}", "--question", "q"], "cannot read image"),
-    (["understand", "--image", "{missing}", "--question", "q"], "image not found"),
-])
-def test_cli_bad_inputs(pipe, tmp_path, capsys, argv, message):
-    _, ckpt = pipe
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    argv = [a.format(bad=tmp_path / "bad.png", missing=tmp_path / "none.png") for a in argv]
-    with pytest.raises(SystemExit) as e:
-        cli_main(argv[:1] + ["--ckpt", str(ckpt)] + argv[1:])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_cli_generate_writes_png_with_settings(pipe, tmp_path):
-    from PIL import Image
-
-    _, ckpt = pipe
-    cli_main(["generate", "--ckpt", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path)])
-    img = Image.open(tmp_path / "00000.png")
-    assert '"prompt": "a red circle"' in img.text["cheers"]
-    assert (tmp_path / "00000.json").is_file()
-
-
-def test_cli_generate_takes_unset_settings_from_the_checkpoint(pipe, tmp_path):
-    """No --cfg / --shift / --steps: the checkpoint's transport settings, not the released model's."""
-    import json
-    import shutil
-
-    _, ckpt = pipe
-    own = tmp_path / "ckpt"
-    shutil.copytree(ckpt, own)
-    config = json.loads((own / "config.json").read_text())
-    config["transport"].update(cfg_scale=2.5, sample_shift=0.8, sample_steps=2)
-    (own / "config.json").write_text(json.dumps(config))
-    cli_main(["generate", "--ckpt", str(own), "--prompt", "a red circle", "--out", str(tmp_path / "out")])
-    meta = json.loads((tmp_path / "out" / "00000.json").read_text())
-    assert (meta["cfg"], meta["shift"], meta["steps"]) == (2.5, 0.8, 2)
-    cli_main(["generate", "--ckpt", str(own), "--prompt", "a red circle", "--cfg", "4", "--out", str(tmp_path / "o2")])
-    assert json.loads((tmp_path / "o2" / "00000.json").read_text())["cfg"] == 4.0

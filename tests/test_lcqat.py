@@ -336,6 +336,7 @@ def test_quantize_model_transformers_qwen2(method: str) -> None:
         assert 2.0 < report.bits_per_weight < 2.7  # SU/SV cost more on 64-wide layers
 
 
+@pytest.mark.slow
 def test_quantize_model_resumes_per_block(tmp_path) -> None:
     fp = _tiny_qwen2()
     calib = [{"input_ids": torch.randint(0, 128, (2, 12))} for _ in range(2)]

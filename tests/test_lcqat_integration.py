@@ -46,6 +46,7 @@ def _red_square():
     return img
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_packed_folder_runs_in_the_pipeline_like_the_fake_quantized_model(quantized):
     model, out, summary = quantized
@@ -69,8 +70,8 @@ def test_packed_folder_runs_in_the_pipeline_like_the_fake_quantized_model(quanti
         if isinstance(mod, LCQLinear):
             for p in (mod.SU, mod.SV) + ((mod.bias,) if mod.bias is not None else ()):
                 p.copy_(p.half().float())
-    fake = Pipeline(model, packed.tokenizer)
-    ids = torch.tensor([packed.tokenizer.i2t_prompt("What colour is the square?", 0)])
+    fake = Pipeline(model, packed.text_tokenizer)
+    ids = torch.tensor([packed.text_tokenizer.i2t_prompt("What colour is the square?", 0)])
     torch.testing.assert_close(packed.model.llm(ids), fake.model.llm(ids), rtol=1e-4, atol=1e-4)
 
     kw = dict(seeds=[3], steps=2, cfg_scale=2.0)
@@ -151,7 +152,7 @@ def test_qat_through_the_trainer_and_its_packed_export(ckpt, quantized, tmp_path
             "--config",
             "configs/debug.yaml",
             f"data.shards=['{tmp_path}/data/*.tar']",
-            f"data.tokenizer_dir={ckpt}",
+            f"data.text_tokenizer_dir={ckpt}",
             f"train.out_dir={run}",
             "train.steps=3",
             "train.ckpt_every=3",

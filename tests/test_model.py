@@ -66,6 +66,7 @@ def test_text_does_not_see_later_image_but_image_block_is_bidirectional(debug_mo
     assert (h1[0, last] - h0[0, last]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_packed_samples_do_not_see_each_other(debug_model, debug_cfg):
     seqs = sample_sequences(debug_cfg)
     noise = torch.randn(2, debug_cfg.tokenizer.vae.latent_channels, debug_cfg.latent_grid, debug_cfg.latent_grid)
@@ -86,6 +87,7 @@ def test_packed_samples_do_not_see_each_other(debug_model, debug_cfg):
         img += n_img
 
 
+@pytest.mark.slow
 def test_loss_falls_over_30_adamw_steps(debug_cfg):
     torch.manual_seed(0)
     model = CheersModel(debug_cfg)
@@ -267,64 +269,23 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
             config_to_official(one_on)
 
 
-def test_grid_conv_mixes_raster_neighbours_and_stays_out_of_the_official_layout():
-    """``head.grid_conv``: token k of a raster sequence over a side x side grid is mixed with
-    its grid neighbours (k +- 1 within a row, k +- side across rows), and nothing else."""
-    import dataclasses
-
-    from cheers.checkpoint import config_to_official
-    from cheers.errors import CheckpointError
-    from cheers.flow_head.dit import GridConv
-
-    conv = GridConv(3)
-    with torch.no_grad():
-        conv.conv.weight.zero_()
-        conv.conv.bias.zero_()
-        conv.conv.weight[1, 0, 0, 1] = 1.0  # channel 1 reads the cell above
-        conv.conv.weight[2, 0, 1, 2] = 1.0  # channel 2 reads the cell to the right
-    x = torch.randn(2, 12, 3)
-    with pytest.raises(InputError, match="square number of tokens, got 12"):
-        conv(x)
-    x = torch.randn(2, 16, 3)  # a 4x4 grid
-    with torch.no_grad():
-        y = conv(x)
-    assert y[..., 0].abs().max() == 0
-    torch.testing.assert_close(y[:, 4:, 1], x[:, :12, 1])  # token k reads token k - 4
-    assert y[:, :4, 1].abs().max() == 0  # the top row reads the zero padding
-    right = x[:, :, 2].reshape(2, 4, 4)[:, :, 1:]
-    torch.testing.assert_close(y[:, :, 2].reshape(2, 4, 4)[:, :, :3], right)
-    assert y[:, :, 2].reshape(2, 4, 4)[:, :, 3].abs().max() == 0  # no wrap into the next row
-
-    cfg = flavour("debug")
-    torch.manual_seed(0)
-    on = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, grid_conv=True))
-    model = CheersModel(on)
-    model.init_weights()
-    assert all(block.grid_conv is not None for block in [*model.head.stage_a.blocks, *model.head.stage_b.blocks])
-    assert all(block.grid_conv is None for block in CheersModel(cfg).head.stage_b.blocks)
-    with pytest.raises(CheckpointError, match="grid_conv"):
-        config_to_official(on)
-
-
 @pytest.mark.parametrize("variant", ["released", "latent_paths", "conv_prompt"])
 def test_training_forward_reads_the_model_as_the_sampler_does(variant, fill_zero_layers):
     """The flow loss's velocity for a text-to-image sample packed behind two other samples
     equals the sampler's velocity for the same prompt, latent and t (also with the shapes
     world's direct paths from xt, ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``,
-    its grid convolutions, ``head.grid_conv``, and its clean-latent prediction,
-    ``transport.prediction="x1"``; and with its conv stage B and prompt state,
+    and its clean-latent prediction, ``transport.prediction="x1"``; and with its conv stage B and prompt state,
     ``head.stage_b_kind="conv"`` and ``head.prompt_condition``)."""
     import dataclasses
 
+    from cheers.engine import Engine
     from cheers.flow_head import transport
-    from cheers.generate import Engine
 
     base = flavour("debug")
     latent_paths = variant != "released"
     conv_prompt = variant == "conv_prompt"
     cfg = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, latent_to_llm=latent_paths),
                               head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths,
-                                                       grid_conv=variant == "latent_paths",
                                                        stage_b_kind="conv" if conv_prompt else "dit",
                                                        prompt_condition=conv_prompt),
                               transport=dataclasses.replace(base.transport,
@@ -404,100 +365,3 @@ def test_conv_stage_b_and_prompt_condition(fill_zero_layers):
     for option in ({"stage_b_kind": "conv"}, {"prompt_condition": True}):
         with pytest.raises(CheckpointError, match=next(iter(option))):
             config_to_official(dataclasses.replace(base, head=dataclasses.replace(base.head, **option)))
-
-
-def test_align_loss_compares_early_image_states_with_the_clean_images_semantic_cells():
-    """``align.weight``: the states after LLM layer ``align.layer`` at each generation image's
-    slots, projected, against the semantic encoder's features of the clean image, LLM
-    token n's quarter (py, px) against SigLIP cell (2 gi + py, 2 gj + px). Added to the loss
-    with its weight; gradients reach the projector and the layers up to align.layer only."""
-    import dataclasses
-
-    import torch.nn.functional as F
-
-    from cheers.checkpoint import config_to_official
-    from cheers.config import AlignConfig
-    from cheers.errors import CheckpointError, ConfigError
-
-    base = flavour("debug")
-    cfg = dataclasses.replace(base, align=AlignConfig(weight=0.5, layer=1, proj_hidden=32))
-    torch.manual_seed(0)
-    model = CheersModel(cfg)
-    model.init_weights()
-    batch = pack(sample_sequences(cfg), cfg)
-    gen = batch.is_gen.nonzero().squeeze(1)
-    assert len(gen) == 1
-    gen_image = int(gen[0])
-
-    early = {}
-    hook = model.llm.layers[0].register_forward_hook(lambda m, i, o: early.setdefault("x", o))
-    torch.manual_seed(1)
-    out = model(batch)
-    hook.remove()
-    torch.testing.assert_close(out["loss"], out["ce"] + out["flow"] + 0.5 * out["align"])
-
-    # the reference: a loop over LLM tokens and their four SigLIP cells
-    slots = (batch.image_index == gen_image).nonzero()
-    g, n = cfg.latent_grid, cfg.tokens_per_image
-    with torch.no_grad():
-        feats, _ = model.tokenizer.siglip(batch.images[gen_image:gen_image + 1])  # [1, g*g, D]
-        h = torch.zeros(n, cfg.llm.hidden_size)
-        for row, col in slots.tolist():
-            h[batch.image_slot[row, col]] = early["x"][row, col]
-        pred = model.align_proj(h)  # [n, 4 D]
-        d = feats.shape[-1]
-        terms = []
-        for tok in range(n):
-            gi, gj = divmod(tok, g // 2)
-            for q in range(4):
-                py, px = divmod(q, 2)
-                cell = (2 * gi + py) * g + (2 * gj + px)
-                terms.append(1 - F.cosine_similarity(pred[tok, q * d:(q + 1) * d], feats[0, cell], dim=0))
-    torch.testing.assert_close(out["align"], torch.stack(terms).mean())
-
-    # the alignment term alone trains the projector and layer 1, not the later layers or the target
-    early.clear()
-    hook = model.llm.layers[0].register_forward_hook(lambda m, i, o: early.setdefault("x", o))
-    model(batch)
-    hook.remove()
-    model.zero_grad()
-    h = torch.stack([early["x"][row, col] for row, col in slots.tolist()])[None]  # slots in order
-    model.align_loss(h, batch.images[gen_image:gen_image + 1]).backward()
-    assert model.align_proj[0].weight.grad.abs().sum() > 0
-    assert model.llm.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.llm.layers[1].parameters())
-    model.zero_grad()
-    model.align_loss(h.detach(), batch.images[gen_image:gen_image + 1]).backward()
-    assert all(p.grad is None for p in model.tokenizer.siglip.parameters())  # the target is constant
-
-    # a batch without generation images: the projector idles with a zero loss
-    text_only = pack(sample_sequences(cfg)[2:], cfg)
-    model.zero_grad()
-    out = model(text_only)
-    assert out["align"] == 0
-    torch.testing.assert_close(out["loss"], out["ce"])
-    out["loss"].backward()  # in training the projector is still in the graph (FSDP needs every gradient)
-    assert model.align_proj[0].weight.grad is not None and not model.align_proj[0].weight.grad.any()
-
-    with pytest.raises(ConfigError, match="align.layer=9"):
-        dataclasses.replace(base, align=AlignConfig(weight=0.5, layer=9))
-    with pytest.raises(ConfigError, match="align.weight"):
-        AlignConfig(weight=-1.0)
-    with pytest.raises(CheckpointError, match="align.weight"):
-        config_to_official(cfg)
-
-
-def test_llm_capture_layer_returns_the_state_after_k_layers(debug_model, debug_cfg):
-    from cheers.llm import rope_cos_sin
-
-    llm = debug_model.llm
-    ids = torch.randint(0, 200, (2, 9))
-    with torch.no_grad():
-        final, after_1 = llm.hidden_states(ids, capture_layer=1)
-        torch.testing.assert_close(final, llm.hidden_states(ids))
-        cos, sin = rope_cos_sin(torch.arange(9)[None].expand(2, -1), debug_cfg.llm.head_dim,
-                                debug_cfg.llm.rope_theta)
-        ref = llm.layers[0](llm.embed_tokens(ids), cos, sin, None, None, "sdpa")
-    torch.testing.assert_close(after_1, ref)
-    with pytest.raises(InputError, match="capture_layer=0"):
-        llm.hidden_states(ids, capture_layer=0)

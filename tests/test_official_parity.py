@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cheers.checkpoint import official_to_ours, ours_to_official
+from cheers.checkpoint import load_pretrained, official_to_ours, ours_to_official
 from cheers.config import SpecialTokens
-from cheers.generate import Engine
-from cheers.hf_io import read_state_dict
-from cheers.model import CheersModel
+from cheers.engine import Engine
+from cheers.safetensors_io import read_state_dict
 from cheers.sequence import expand_placeholders, null_prompt, pack
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official_cheers_tiny"
@@ -37,7 +36,7 @@ def assert_official(name: str, ours: torch.Tensor, official: torch.Tensor) -> fl
 @pytest.fixture(scope="module")
 def official():
     torch.set_num_threads(1)
-    model = CheersModel.from_pretrained(OFFICIAL, tokens=TOKENS)
+    model = load_pretrained(OFFICIAL, tokens=TOKENS)
     return model, load_file(OFFICIAL / "inputs.safetensors"), load_file(OFFICIAL / "outputs.safetensors")
 
 

@@ -21,9 +21,10 @@ def test_shapes_flavour_dimensions():
     assert cfg.transport.prediction == "x1" and not cfg.dummy_image_prefix
 
 
+@pytest.mark.slow
 def test_vae_pretraining_lowers_reconstruction_loss():
     cfg = flavour("shapes").tokenizer.vae
-    vae, losses = train_vae(cfg, 64, seconds=60, max_steps=40, batch=4)
+    vae, losses = train_vae(cfg, 64, steps=40, batch=4)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     # the latent statistics were fitted: normalised latents are roughly standard
@@ -44,15 +45,16 @@ def shapes_data(tmp_path_factory):
 
 def test_demo_tokenizer_keeps_the_chat_template_short(shapes_data):
     """The template enters the BPE corpus at its true frequency: whole words, not letters."""
-    from cheers.demo import train_tokenizer
+    from cheers.demo import train_text_tokenizer
     from cheers.text_tokenizer import DEFAULT_SYSTEM
 
-    tok = train_tokenizer([shapes_data / "data"], [], vocab_size=400)
+    tok = train_text_tokenizer([shapes_data / "data"], [], vocab_size=400)
     assert len(tok.encode(DEFAULT_SYSTEM)) <= 7
     assert all(len(tok.encode(role)) == 1 for role in ("system", "user", "assistant"))
     assert len(tok.t2i_prompt("a photo of a blue square")) <= 32
 
 
+@pytest.mark.slow
 def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
     """CE from the training log; the flow loss on one fixed batch (fixed t and noise), since
     at random t a 5-step log of about 5 images is too noisy to show 80 steps of learning."""
@@ -80,7 +82,7 @@ def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
             return model
 
     cfg = load_run_config("configs/shapes.yaml", [
-        f"data.shards=['{shapes_data}/data/*.tar']", f"data.tokenizer_dir={shapes_data / 'tok'}",
+        f"data.shards=['{shapes_data}/data/*.tar']", f"data.text_tokenizer_dir={shapes_data / 'tok'}",
         f"train.out_dir={tmp_path / 'run'}", "train.steps=80", "train.global_batch=8", "train.micro_batch=8",
         "train.warmup_steps=5", "train.log_every=5", "train.progress=false",
         "data.ratios={t2i: 0.6, i2t: 0.4, text: 0.0}", "train.trainable=['*']"])
@@ -90,7 +92,7 @@ def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
 
     t2i_only = dataclasses.replace(cfg.data, ratios={"t2i": 1.0})
     loader = SampleLoader(t2i_only, image_size=cfg.model.tokenizer.image_size, seed=123)
-    batch = make_collate(cfg.model, cfg.data.tokenizer_dir)(loader.next_batch(16))
+    batch = make_collate(cfg.model, cfg.data.text_tokenizer_dir)(loader.next_batch(16))
     n, g = batch.num_images, cfg.model.latent_grid
     gen = torch.Generator().manual_seed(0)
     batch = dataclasses.replace(batch, t=torch.linspace(0.1, 0.9, n),
@@ -109,12 +111,13 @@ def test_short_shapes_training_lowers_both_losses(shapes_data, tmp_path):
     assert flow_after < 0.85 * flow_before
 
 
+@pytest.mark.slow
 def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):
     from cheers.train.config import load_run_config
     from cheers.train.trainer import train
 
     cfg = load_run_config("configs/shapes.yaml", [
-        f"data.shards=['{shapes_data}/data/*.tar']", f"data.tokenizer_dir={shapes_data / 'tok'}",
+        f"data.shards=['{shapes_data}/data/*.tar']", f"data.text_tokenizer_dir={shapes_data / 'tok'}",
         f"train.out_dir={tmp_path / 'run'}", "train.steps=100000", "train.global_batch=4",
         "train.micro_batch=4", "train.max_seconds=3", "train.progress=false"])
     result = train(cfg)
@@ -122,6 +125,7 @@ def test_time_budget_ends_a_run_with_a_checkpoint(shapes_data, tmp_path):
     assert result.checkpoint is not None and result.checkpoint.is_dir()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
     cli_main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "1.5", "--samples", "300",

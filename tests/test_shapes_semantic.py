@@ -7,8 +7,8 @@ import pytest
 
 from cheers.config import flavour
 from cheers.errors import InputError
+from cheers.shapes.scenes import COLOURS, SHAPES, Scene, make_object
 from cheers.shapes.semantic import patch_labels, train_semantic_encoder
-from cheers.shapes.world import COLOURS, SHAPES, Scene, make_object
 
 
 def test_patch_labels_name_the_object_covering_each_patch():
@@ -30,9 +30,10 @@ def test_patch_labels_name_the_object_covering_each_patch():
         patch_labels(Scene(60, 60, (square,), "single"), 8)
 
 
+@pytest.mark.slow
 def test_semantic_pretraining_learns_colours():
     cfg = flavour("shapes").tokenizer.siglip
-    encoder, losses, acc = train_semantic_encoder(cfg, None, 64, seconds=120, max_steps=120, batch=16,
+    encoder, losses, acc = train_semantic_encoder(cfg, None, 64, steps=120, batch=16,
                                                   pool_size=128, seed=0)
     assert len(losses) == 120
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])

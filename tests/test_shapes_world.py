@@ -15,7 +15,7 @@ from PIL import Image
 from cheers.errors import InputError
 from cheers.eval import geneval_rules, mmbench_scoring
 from cheers.eval import shapes_detector as det
-from cheers.shapes import dataset, world
+from cheers.shapes import dataset, scenes, texts
 
 FIXTURE_METADATA = os.path.join(os.path.dirname(__file__), "fixtures", "geneval",
                                 "evaluation_metadata.jsonl")
@@ -43,41 +43,41 @@ def _degrade(img, rng, sigma=0.6, noise=6.0):
 
 
 def test_palette_is_genevals_colours_and_well_separated():
-    assert world.COLOURS == geneval_rules.COLORS
-    rgb = np.array([world.PALETTE[c] for c in world.COLOURS] + [world.BACKGROUND], float)
+    assert scenes.COLOURS == geneval_rules.COLORS
+    rgb = np.array([scenes.PALETTE[c] for c in scenes.COLOURS] + [scenes.BACKGROUND], float)
     d = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)
     np.fill_diagonal(d, np.inf)
     assert d.min() >= 85
-    assert world.BACKGROUND not in world.PALETTE.values()
-    assert len(world.SHAPES) >= 5
+    assert scenes.BACKGROUND not in scenes.PALETTE.values()
+    assert len(scenes.SHAPES) >= 5
 
 
 def test_scene_sampling_is_deterministic_per_seed():
     def draw(seed):
         rng = np.random.default_rng(seed)
-        scenes = [world.sample_scene(rng) for _ in range(20)]
-        return scenes, [world.caption(s, rng) for s in scenes], \
-            [world.mmbench_questions(s, rng) for s in scenes], world.render(scenes[-1])
+        drawn = [scenes.sample_scene(rng) for _ in range(20)]
+        return drawn, [texts.caption(s, rng) for s in drawn], \
+            [texts.mmbench_questions(s, rng) for s in drawn], scenes.render(drawn[-1])
 
     a, b, c = draw(5), draw(5), draw(6)
     assert a[0] == b[0] and a[1] == b[1] and a[2] == b[2]
     assert np.array_equal(a[3], b[3])
     assert a[0] != c[0]
-    assert world.geneval_metadata(3, np.random.default_rng(1)) == \
-        world.geneval_metadata(3, np.random.default_rng(1))
+    assert texts.geneval_metadata(3, np.random.default_rng(1)) == \
+        texts.geneval_metadata(3, np.random.default_rng(1))
 
 
 def test_scenes_are_valid():
     rng = np.random.default_rng(0)
     for size in (64, 128, 256):
         for _ in range(40):
-            scene = world.sample_scene(rng, size)
+            scene = scenes.sample_scene(rng, size)
             assert 1 <= len(scene.objects) <= 4
-            masks = world.object_masks(scene)
+            masks = scenes.object_masks(scene)
             total = np.sum(masks, axis=0)
             assert total.max() == 1  # no overlap
             for o, m in zip(scene.objects, masks):
-                assert o.shape in world.SHAPES and o.colour in world.COLOURS
+                assert o.shape in scenes.SHAPES and o.colour in scenes.COLOURS
                 x0, y0, x1, y1 = o.bbox
                 assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
                 ys, xs = np.nonzero(m)
@@ -86,13 +86,13 @@ def test_scenes_are_valid():
                 assert d["class"] == o.shape and d["centre"] == [(x0 + x1) / 2, (y0 + y1) / 2]
             if scene.relation is not None:
                 a, rel, b = scene.relation
-                assert world.relation_set(scene.objects[a].bbox, scene.objects[b].bbox) == {rel}
-            img = world.render(scene)
+                assert scenes.relation_set(scene.objects[a].bbox, scene.objects[b].bbox) == {rel}
+            img = scenes.render(scene)
             assert img.shape == (size, size, 3) and img.dtype == np.uint8
     with pytest.raises(InputError):
-        world.sample_scene(rng, 32)
+        scenes.sample_scene(rng, 32)
     with pytest.raises(InputError):
-        world.sample_scene(rng, 64, kind="nope")
+        scenes.sample_scene(rng, 64, kind="nope")
 
 
 def test_relation_rule_matches_scorer():
@@ -100,54 +100,55 @@ def test_relation_rule_matches_scorer():
     for _ in range(500):
         a = np.sort(rng.uniform(0, 64, (2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
         b = np.sort(rng.uniform(0, 64, (2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
-        assert world.relation_set(a, b) == geneval_rules.relative_position(a, b, 0.1)
+        assert scenes.relation_set(a, b) == geneval_rules.relative_position(a, b, 0.1)
 
 
 def test_captions_name_every_object():
     rng = np.random.default_rng(4)
     for _ in range(200):
-        scene = world.sample_scene(rng)
-        text = world.caption(scene, rng)
+        scene = scenes.sample_scene(rng)
+        text = texts.caption(scene, rng)
         for o in scene.objects:
-            assert o.shape in text or world.PLURALS[o.shape] in text
+            assert o.shape in text or texts.PLURALS[o.shape] in text
     # the GenEval phrasings appear among the captions
-    seen = {world.caption(world.sample_scene(rng, kind="single"), rng) for _ in range(200)}
+    seen = {texts.caption(scenes.sample_scene(rng, kind="single"), rng) for _ in range(200)}
     assert any(t.startswith("a photo of a ") and len(t.split()) == 5 for t in seen)
-    assert world.noun_phrase("star", 1, "orange") == "an orange star"
-    assert world.noun_phrase("cross", 3) == "three crosses"
+    assert texts.noun_phrase("star", 1, "orange") == "an orange star"
+    assert texts.noun_phrase("cross", 3) == "three crosses"
 
 
 def test_mmbench_questions_are_answerable():
     rng = np.random.default_rng(5)
     cats = set()
     for _ in range(200):
-        scene = world.sample_scene(rng)
-        for q in world.mmbench_questions(scene, rng):
+        scene = scenes.sample_scene(rng)
+        for q in texts.mmbench_questions(scene, rng):
             cats.add(q["category"])
             assert 2 <= len(q["options"]) <= 4 and len(set(q["options"])) == len(q["options"])
-            assert q["l2-category"] == world.MMBENCH_L2[q["category"]]
+            assert q["l2-category"] == texts.MMBENCH_L2[q["category"]]
             truth = q[q["answer"]]
             objs = scene.objects
             if q["category"] == "colour":
-                shape = next(s for s in world.SHAPES if s in q["question"])
+                shape = next(s for s in scenes.SHAPES if s in q["question"])
                 assert [o.colour for o in objs if o.shape == shape] == [truth]
             elif q["category"] == "shape":
                 assert truth in [o.shape for o in objs]
             elif q["category"] == "count":
-                plural = next(p for p in world.PLURALS.values() if f" {p} " in q["question"])
-                shape = next(s for s, p in world.PLURALS.items() if p == plural)
+                plural = next(p for p in texts.PLURALS.values() if f" {p} " in q["question"])
+                shape = next(s for s, p in texts.PLURALS.items() if p == plural)
                 assert int(truth) == sum(o.shape == shape for o in objs)
             elif q["category"] == "existence" and q["question"].startswith("Which"):
                 colour, shape = truth.split()
                 assert any((o.colour, o.shape) == (colour, shape) for o in objs)
-    assert cats == set(world.MMBENCH_CATEGORIES)
+    assert cats == set(texts.MMBENCH_L2)
+    assert set(texts.MMBENCH_L2.values()) <= set(mmbench_scoring.MMB_ABBRS)  # MMBench's own L2 names
 
 
 def test_text_samples():
     rng = np.random.default_rng(6)
-    texts = [world.text_sample(rng) for _ in range(50)]
-    assert all(isinstance(t, str) and len(t) > 5 for t in texts)
-    assert len(set(texts)) > 10
+    samples = [texts.text_sample(rng) for _ in range(50)]
+    assert all(isinstance(t, str) and len(t) > 5 for t in samples)
+    assert len(set(samples)) > 10
 
 
 def test_geneval_metadata_has_the_official_shape():
@@ -160,30 +161,30 @@ def test_geneval_metadata_has_the_official_shape():
 
     official_sigs = {r["tag"]: {json.dumps(signature(x)) for x in official if x["tag"] == r["tag"]}
                      for r in official}
-    ours = world.geneval_metadata(20, np.random.default_rng(7))
-    assert [r["tag"] for r in ours[::20]] == list(world.GENEVAL_TAGS)
+    ours = texts.geneval_metadata(20, np.random.default_rng(7))
+    assert [r["tag"] for r in ours[::20]] == list(texts.GENEVAL_TAGS)
     for r in ours:
         assert json.dumps(signature(r)) in official_sigs[r["tag"]], r
         classes = [c["class"] for c in r["include"]]
-        assert all(c in world.SHAPES for c in classes)
+        assert all(c in scenes.SHAPES for c in classes)
         assert len(set(classes)) == len(classes)
         p = r["prompt"]
         if r["tag"] == "counting":
             n = r["include"][0]["count"]
             assert r["exclude"] == [{"class": classes[0], "count": n + 1}]
-            assert p == f"a photo of {world.NUMBER_WORDS[n]} {world.PLURALS[classes[0]]}"
+            assert p == f"a photo of {texts.NUMBER_WORDS[n]} {texts.PLURALS[classes[0]]}"
         elif r["tag"] == "position":
             rel, target = r["include"][1]["position"]
-            assert target == 0 and rel in world.RELATIONS
+            assert target == 0 and rel in scenes.RELATIONS
             assert p == f"a photo of a {classes[1]} {rel} a {classes[0]}"
         elif r["tag"] == "colors":
             c = r["include"][0]
-            assert p == f"a photo of {world.article(c['color'])} {c['color']} {c['class']}"
+            assert p == f"a photo of {texts.article(c['color'])} {c['color']} {c['class']}"
         elif r["tag"] == "color_attr":
             a, b = r["include"]
             assert a["color"] != b["color"]
-            assert p == (f"a photo of {world.article(a['color'])} {a['color']} {a['class']} and "
-                         f"{world.article(b['color'])} {b['color']} {b['class']}")
+            assert p == (f"a photo of {texts.article(a['color'])} {a['color']} {a['class']} and "
+                         f"{texts.article(b['color'])} {b['color']} {b['class']}")
         else:
             assert p == "a photo of " + " and ".join(f"a {c}" for c in classes)
 
@@ -222,8 +223,8 @@ def _recovery(n, size, seed, degrade=False):
     rng = np.random.default_rng(seed)
     ok = confident = 0
     for _ in range(n):
-        scene = world.sample_scene(rng, size)
-        img = world.render(scene)
+        scene = scenes.sample_scene(rng, size)
+        img = scenes.render(scene)
         if degrade:
             img = _degrade(img, rng)
         dets = det.detect(img)
@@ -246,8 +247,8 @@ def test_detector_survives_noise_and_blur():
 
 def test_detector_output_format_and_inputs():
     rng = np.random.default_rng(9)
-    scene = world.sample_scene(rng, 64, kind="two")
-    img = world.render(scene)
+    scene = scenes.sample_scene(rng, 64, kind="two")
+    img = scenes.render(scene)
     dets = det.detect(img)
     assert len(dets) == 2
     for d in dets:
@@ -269,10 +270,10 @@ def test_detector_output_format_and_inputs():
 
 
 def test_detector_splits_touching_objects_of_two_colours():
-    obj_a = world.make_object("square", "red", (20.0, 32.0), 20, 64, 64)
-    obj_b = world.make_object("square", "blue", (40.0, 32.0), 20, 64, 64)  # shares an edge
-    scene = world.Scene(64, 64, (obj_a, obj_b), "two")
-    dets = det.detect(world.render(scene))
+    obj_a = scenes.make_object("square", "red", (20.0, 32.0), 20, 64, 64)
+    obj_b = scenes.make_object("square", "blue", (40.0, 32.0), 20, 64, 64)  # shares an edge
+    scene = scenes.Scene(64, 64, (obj_a, obj_b), "two")
+    dets = det.detect(scenes.render(scene))
     assert sorted((d["class"], d["colour"]) for d in dets) == [("square", "blue"), ("square", "red")]
 
 
@@ -337,6 +338,7 @@ def test_shards_schema_and_determinism(tmp_path):
         dataset.write_shards(str(tmp_path / "e"), 5, mix={"video": 1.0})
 
 
+@pytest.mark.slow
 def test_shards_written_by_workers_are_the_same_bytes(tmp_path):
     kw = dict(seed=3, image_size=64, samples_per_shard=7, i2t_turns=2, mcq_answer="option")
     serial = dataset.write_shards(str(tmp_path / "a"), 30, **kw)
@@ -410,7 +412,7 @@ def test_mmbench_tsv_and_rotations(tmp_path):
     by_index = {r["index"]: r for r in back}
     mains = [r for r in back if r["index"] < dataset.CIRCULAR_OFFSET]
     assert [r["index"] for r in mains] == list(range(25))
-    assert {r["category"] for r in mains} == set(world.MMBENCH_CATEGORIES)
+    assert {r["category"] for r in mains} == set(texts.MMBENCH_L2)
     for main in mains:
         letters = [ch for ch in "ABCD" if main[ch] != ""]
         n = len(letters)
@@ -438,9 +440,9 @@ def test_open_questions_are_the_training_phrasing_and_answerable():
     rng = np.random.default_rng(8)
     seen = set()
     for _ in range(100):
-        scene = world.sample_scene(rng, 64)
+        scene = scenes.sample_scene(rng, 64)
         objs = scene.objects
-        qs = world.open_questions(scene)
+        qs = texts.open_questions(scene)
         assert len({q["question"] for q in qs}) == len(qs)  # each asked once
         for q in qs:
             seen.add(q["category"])
@@ -451,13 +453,13 @@ def test_open_questions_are_the_training_phrasing_and_answerable():
             elif q["category"] == "shape":  # "What shape is the {colour} object?"
                 colour = words[-2]
                 assert [o.shape for o in objs if o.colour == colour] == [q["answer"]]
-            elif q["question"] == world.TOTAL_COUNT_QUESTION:
-                assert q["answer"] == world.NUMBER_WORDS[len(objs)]
+            elif q["question"] == texts.TOTAL_COUNT_QUESTION:
+                assert q["answer"] == texts.NUMBER_WORDS[len(objs)]
             else:  # "How many {plural} are there?"
-                shape = next(s for s, p in world.PLURALS.items() if p == words[2])
-                assert q["answer"] == world.NUMBER_WORDS[sum(o.shape == shape for o in objs)]
+                shape = next(s for s, p in texts.PLURALS.items() if p == words[2])
+                assert q["answer"] == texts.NUMBER_WORDS[sum(o.shape == shape for o in objs)]
         # the training's open questions come from the same templates
-        q, a = world.open_question(scene, rng)
+        q, a = texts.open_question(scene, rng)
         assert q.startswith(("Describe", "What is in", "Write")) or {"question": q, "answer": a} in [
             {k: x[k] for k in ("question", "answer")} for x in qs]
     assert seen == {"colour", "shape", "count"}

@@ -223,6 +223,7 @@ def shards(tmp_path_factory) -> str:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path, shards):
     # same global batch of 4: 2 ranks x 1 sample x 2 micro-batches vs 1 rank x 2 x 2; the
     # frozen VAE keeps its BatchNorm in eval mode, so samples do not see each other
@@ -256,6 +257,7 @@ def test_fsdp_two_processes_match_one(tmp_path, shards):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_for_bit(tmp_path, shards):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     common = ["train.steps=40", "train.ckpt_every=2", "train.keep_last=2"]

@@ -68,7 +68,7 @@ def test_train_export_and_generate(tmp_path):
     _tokenizer(tmp_path / "tok")
     run = tmp_path / "run"
     cli_main(["train", "--config", "configs/debug.yaml", f"data.shards=['{tmp_path}/data/*.tar']",
-              f"data.tokenizer_dir={tmp_path / 'tok'}", f"train.out_dir={run}", "train.steps=3",
+              f"data.text_tokenizer_dir={tmp_path / 'tok'}", f"train.out_dir={run}", "train.steps=3",
               "train.ckpt_every=3", "train.log_every=1", "data.num_workers=0", "train.fsdp=false"])
     cli_main(["export", str(run), str(tmp_path / "export")])
     (tmp_path / "export" / "tokenizer.json").write_bytes((tmp_path / "tok" / "tokenizer.json").read_bytes())
@@ -78,6 +78,7 @@ def test_train_export_and_generate(tmp_path):
     assert images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_with_the_real_model(tmp_path):
     """Ranks see different task mixes; every FSDP unit must still run once per step on each."""
     import subprocess
@@ -87,7 +88,7 @@ def test_two_process_fsdp_with_the_real_model(tmp_path):
     _tokenizer(tmp_path / "tok")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cheers.train",
            "--config", "configs/debug.yaml", f"data.shards=['{tmp_path}/data/*.tar']",
-           f"data.tokenizer_dir={tmp_path / 'tok'}", f"train.out_dir={tmp_path / 'run'}", "train.steps=4",
+           f"data.text_tokenizer_dir={tmp_path / 'tok'}", f"train.out_dir={tmp_path / 'run'}", "train.steps=4",
            "data.num_streams=2", "train.global_batch=4", "train.progress=false", "train.ckpt_every=4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from cheers.checkpoint import config_to_official
 from cheers.config import VAEConfig, flavour
 from cheers.errors import CheckpointError, ConfigError, InputError
-from cheers.hf_io import load_checked
+from cheers.safetensors_io import load_checked
 from cheers.tokenizer.latent import LatentNorm, patchify, to_grid, to_tokens, unpatchify
 from cheers.tokenizer.vae import VAE, PixelDecoder, VAEDecoder, VAEEncoder
 from cheers.tokenizer.vae_keys import (
@@ -74,13 +74,15 @@ def loaded(official) -> tuple[VAE, PixelDecoder]:
 
 def test_config_from_official(official):
     cfg = official["cfg"]
-    assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels) == (32, [2, 1, 1, 1], 2, 8)
+    data = json.loads((FIXTURE / "config.json").read_text())
+    enc, dec = data["vae_encoder_config"], data["vae_decoder_config"]
+    assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels) == (
+        enc["ch"], enc["ch_mult"], enc["num_res_blocks"], enc["z_channels"])
     assert (cfg.decoder_ch, cfg.decoder_ch_mult, cfg.decoder_num_res_blocks) == (
-        32,
-        [2, 1, 1, 1],
-        0,
-    )
-    assert cfg.latent_channels == 32 and cfg.downsample == 16
+        dec["ch"], dec["ch_mult"], dec["num_res_blocks"])
+    # the 2x2 patchify: four times the channels, twice the encoder's downsampling
+    assert cfg.latent_channels == 4 * enc["z_channels"]
+    assert cfg.downsample == 2 * 2 ** (len(enc["ch_mult"]) - 1)
     # the released config.json only names the resolution: every field takes the default
     assert vae_config_from_official({"vae_encoder_config": {"resolution": 512}}) == VAEConfig()
     with pytest.raises(ConfigError, match="vae_decoder_config.double_z"):
@@ -157,7 +159,7 @@ def test_single_original_file(official, loaded, tmp_path):
     save_file({**sd_style, "model.diffusion_model.x.weight": torch.zeros(1)}, str(file))
     sd = load_vae_folder(file, official["cfg"])
     assert torch.equal(sd["encoder.quant_conv.weight"], ref["encoder.quant_conv.weight"])
-    assert torch.allclose(sd["bn.running_var"] + 1e-4, torch.ones(32))
+    assert torch.allclose(sd["bn.running_var"] + 1e-4, torch.ones(official["cfg"].latent_channels))
     assert not sd["bn.running_mean"].any()
 
 
@@ -356,42 +358,6 @@ def test_pooled_rgb_latent():
     pooled = dataclasses.replace(debug.tokenizer.vae, pooled_rgb_latent=True)
     with pytest.raises(CheckpointError, match="pooled_rgb_latent"):
         config_to_official(dataclasses.replace(debug, tokenizer=dataclasses.replace(debug.tokenizer, vae=pooled)))
-
-
-@torch.no_grad()
-def test_pooled_alpha_latent():
-    """Channel 3 is the pooled share of pixels away from the background (any colour counts,
-    the background and near-background pixels do not), in [-1, 1] and noise-free; the RGB
-    channels and the learned ones are as without it."""
-    cfg = VAEConfig(ch=8, ch_mult=[1, 2, 4], num_res_blocks=1, decoder_ch=8, decoder_ch_mult=[1, 2, 4],
-                    decoder_num_res_blocks=0, z_channels=5, norm_groups=4, pooled_rgb_latent=True,
-                    pooled_alpha_latent=True, alpha_background=[0.5, 0.5, 0.5], alpha_full_distance=0.34)
-    torch.manual_seed(0)
-    enc = VAEEncoder(cfg)
-    rgb_only = VAEEncoder(dataclasses.replace(cfg, pooled_alpha_latent=False))
-    rgb_only.load_state_dict(enc.state_dict())
-    img = torch.full((1, 3, 16, 16), 0.5)
-    img[0, :, 0:4, 0:4] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # a red cell: fully covered
-    img[0, :, 0:4, 4:8] = torch.tensor([0.1, 0.2, 0.9]).view(3, 1, 1)  # a blue cell: fully covered
-    img[0, 2, 4:6, 0:4] = 0.0  # half a cell 0.5 away in blue only: half covered
-    img[0, :, 4:8, 4:8] = 0.6  # 0.1 from the background: covered 0.1 / 0.34
-    m = enc.moments(img)
-    assert m.shape == (1, 10, 4, 4)
-    expected = torch.zeros(4, 4)
-    expected[0, :2], expected[1, 0], expected[1, 1] = 1.0, 0.5, 0.1 / 0.34
-    assert torch.allclose((m[0, 3] + 1) / 2, expected, atol=1e-6)
-    ref = rgb_only.moments(img)
-    assert torch.equal(m[:, :3], ref[:, :3]) and torch.equal(m[:, 4], ref[:, 4])  # means
-    assert torch.equal(m[:, 9], ref[:, 9])  # the learned channel's log-variance
-    assert torch.equal(m[:, 5:9], torch.full_like(m[:, 5:9], -30.0))  # rgb and alpha: deterministic
-    with pytest.raises(ConfigError, match="pooled_rgb_latent"):
-        VAEEncoder(dataclasses.replace(cfg, pooled_rgb_latent=False))
-    with pytest.raises(ConfigError, match="alpha_background"):
-        VAEEncoder(dataclasses.replace(cfg, alpha_background=[0.5]))
-    debug = flavour("debug")
-    vae = dataclasses.replace(debug.tokenizer.vae, pooled_alpha_latent=True)
-    with pytest.raises(CheckpointError, match="pooled_alpha_latent"):
-        config_to_official(dataclasses.replace(debug, tokenizer=dataclasses.replace(debug.tokenizer, vae=vae)))
 
 
 @torch.no_grad()

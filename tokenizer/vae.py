@@ -116,15 +116,6 @@ class VAEEncoder(nn.Module):
         if self.pooled_rgb and (cfg.in_channels < 3 or cfg.z_channels < 3):
             raise ConfigError(f"vae.pooled_rgb_latent needs 3 input and >= 3 latent channels, got "
                               f"in_channels={cfg.in_channels}, z_channels={cfg.z_channels}")
-        self.pooled_alpha = cfg.pooled_alpha_latent
-        if self.pooled_alpha and (not self.pooled_rgb or cfg.z_channels < 4):
-            raise ConfigError(f"vae.pooled_alpha_latent needs vae.pooled_rgb_latent and >= 4 latent channels, got "
-                              f"pooled_rgb_latent={cfg.pooled_rgb_latent}, z_channels={cfg.z_channels}")
-        if self.pooled_alpha and (len(cfg.alpha_background) != 3 or cfg.alpha_full_distance <= 0):
-            raise ConfigError(f"vae.alpha_background must be 3 values (RGB in [0, 1]) and vae.alpha_full_distance "
-                              f"> 0, got {cfg.alpha_background} and {cfg.alpha_full_distance}")
-        self.alpha_background = tuple(float(v) for v in cfg.alpha_background)  # not a buffer: meta builds keep it
-        self.alpha_full_distance = cfg.alpha_full_distance
 
     def init_weights(self) -> None:
         """Default init of every layer (used after a ``meta`` build and ``to_empty``)."""
@@ -137,16 +128,9 @@ class VAEEncoder(nn.Module):
         if not self.pooled_rgb:
             return moments
         # channels 0-2: the pooled pixels, centred and scaled to [-1, 1], with no noise
-        fixed = [2.0 * F.avg_pool2d(pixels[:, :3], self.downsample) - 1.0]  # [B, 3, H/f, W/f]
-        if self.pooled_alpha:
-            # channel 3: the pooled coverage by non-background pixels, in [-1, 1], with no noise
-            bg = torch.tensor(self.alpha_background, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-            far = (pixels[:, :3] - bg).abs().amax(dim=1, keepdim=True)
-            fixed.append(2.0 * F.avg_pool2d((far / self.alpha_full_distance).clamp(0, 1), self.downsample) - 1.0)
-        fixed = torch.cat(fixed, dim=1).to(moments.dtype)  # [B, k, H/f, W/f]
-        z, k = self.z_channels, fixed.shape[1]
-        return torch.cat([fixed, moments[:, k:z], torch.full_like(fixed, _LOGVAR_MIN),
-                          moments[:, z + k:]], dim=1)
+        rgb = (2.0 * F.avg_pool2d(pixels[:, :3], self.downsample) - 1.0).to(moments.dtype)  # [B, 3, H/f, W/f]
+        z = self.z_channels
+        return torch.cat([rgb, moments[:, 3:z], torch.full_like(rgb, _LOGVAR_MIN), moments[:, z + 3:]], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, C, H, W]`` in [0, 1] -> posterior mean ``z [B, z, H/8, W/8]``."""

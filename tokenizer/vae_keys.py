@@ -39,7 +39,7 @@ from torch import nn
 
 from cheers.config import VAEConfig
 from cheers.errors import CheckpointError, ConfigError
-from cheers.hf_io import LoadReport, read_json, read_state_dict
+from cheers.safetensors_io import LoadReport, read_json, read_state_dict
 
 from .vae import VAE
 
@@ -413,7 +413,7 @@ def check_state_dict(
 
     Compares names and shapes only, so ``module`` may live on the ``meta`` device (this is
     how :func:`load_vae_folder` checks a state dict without building real weights). To load
-    into a real module use ``cheers.hf_io.load_checked``, which runs the same comparison.
+    into a real module use ``cheers.safetensors_io.load_checked``, which runs the same comparison.
     ``display`` maps our key names to the checkpoint's own for the message.
     """
 

@@ -256,9 +256,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False) ->
     """Write ``out_dir/config.json`` (the ModelConfig) + ``model.safetensors`` (or shards).
 
     The layout of ``cheers.checkpoint.save_pretrained``: a tied ``lm_head`` is left out,
-    ``CheersModel.from_pretrained`` and ``train.init_from`` read the folder.
+    ``cheers.checkpoint.load_pretrained`` and ``train.init_from`` read the folder.
     """
-    from cheers.hf_io import write_json, write_state_dict
+    from cheers.safetensors_io import write_json, write_state_dict
 
     run, weights = full_state_from_checkpoint(checkpoint, ema=ema)
     head, embed = weights.get("llm.lm_head.weight"), weights.get("llm.embed_tokens.weight")
@@ -286,7 +286,7 @@ def load_exported(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     Reads our exported folders and released (official-layout) ones alike.
     """
     from cheers.checkpoint import load_config, official_to_ours
-    from cheers.hf_io import read_state_dict
+    from cheers.safetensors_io import read_state_dict
 
     cfg, official = load_config(folder)
     weights = read_state_dict(folder)

@@ -171,7 +171,7 @@ class DataConfig:
     task_shards: dict[str, list[str]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "i2t": 0.0, "text": 0.0})
     image_size: int | None = None  # None: model.tokenizer.image_size
-    tokenizer_dir: str = ""
+    text_tokenizer_dir: str = ""
     shuffle_buffer: int = 1000  # samples shuffled together (a window across shard boundaries)
     shuffle_shards: bool = True  # a new shard order every epoch
     # logical data streams; rank r reads streams r, r + world, ... . Fix it (a multiple of

@@ -44,7 +44,7 @@ class CheersTask:
     def build_collate(self, cfg: RunConfig) -> Callable[[list[RawSample]], Any]:
         from cheers.collate import make_collate
 
-        return make_collate(cfg.model, cfg.data.tokenizer_dir)
+        return make_collate(cfg.model, cfg.data.text_tokenizer_dir)
 
 
 def load_task(spec: str) -> Task:

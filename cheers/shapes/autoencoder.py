@@ -6,15 +6,13 @@ its own first (reconstruction + a small KL), then fits the latent BatchNorm stat
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from cheers.config import VAEConfig
-from cheers.shapes.world import BACKGROUND as _BG
-from cheers.shapes.world import render, sample_scene
+from cheers.shapes.pretrain import pretrain
+from cheers.shapes.scenes import BACKGROUND as _BG
+from cheers.shapes.scenes import render, sample_scene
 from cheers.tokenizer.vae import VAE
 
 BACKGROUND = torch.tensor(_BG, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
@@ -30,31 +28,25 @@ def scene_images(n: int, image_size: int, rng: np.random.Generator) -> torch.Ten
     return scene_pixels([sample_scene(rng, image_size) for _ in range(n)])
 
 
-def cosine_lr(lr: float, start: float, seconds: float) -> float:
-    """The learning rate of a cosine decay to 0 over a wall-clock budget begun at ``start``
-    (``time.monotonic()``): the pretraining loops here stop on time, not on a step count."""
-    return lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.monotonic() - start) / seconds)))
-
-
-def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_steps: int = 3000,
+def train_vae(cfg: VAEConfig, image_size: int, *, steps: int | None = None, seconds: float | None = None,
               batch: int = 4, lr: float = 3e-3, kl_weight: float = 1e-6, seed: int = 0,
-              device: str = "cpu", progress: Callable[[int, float], None] | None = None) -> tuple[VAE, list[float]]:
-    """Train a ``VAE`` on fresh scenes for ``seconds`` (or ``max_steps``); returns it with its
-    reconstruction-loss curve. Pixels stay in [0, 1], as the VAE sees them in the model."""
+              device: str = "cpu", desc: str | None = None) -> tuple[VAE, list[float]]:
+    """Train a ``VAE`` on fresh scenes for ``steps`` optimiser steps and / or ``seconds``
+    (``cheers.shapes.pretrain.pretrain``); returns it with its reconstruction-loss curve.
+    Pixels stay in [0, 1], as the VAE sees them in the model."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 7])
     vae = VAE(cfg)
     vae.init_weights()
     vae.to(device).train()
-    params = [*vae.encoder.parameters(), *vae.decoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pool = scene_images(2048, image_size, rng)  # re-drawn in part each step: cheap and varied
-    losses: list[float] = []
-    start = time.monotonic()
-    step = 0
-    while step < max_steps and time.monotonic() - start < seconds:
-        idx = torch.randint(0, len(pool), (batch,))
-        x = pool[idx].to(device)
+    pool = scene_images(2048, image_size, rng)  # re-drawn in part every 64 steps: cheap and varied
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal pool
+        if step and step % 64 == 0:
+            pool[: batch * 2] = scene_images(batch * 2, image_size, rng)
+            pool = pool[torch.randperm(len(pool))]
+        x = pool[torch.randint(0, len(pool), (batch,))].to(device)
         moments = vae.encoder.moments(x)  # [B, 2z, h, w]: mean and log-variance
         mean, logvar = moments.chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
@@ -65,20 +57,10 @@ def train_vae(cfg: VAEConfig, image_size: int, *, seconds: float = 90.0, max_ste
         weight = 1.0 + 8.0 * (x - BACKGROUND.to(x)).abs().amax(dim=1, keepdim=True)
         rec = ((recon - x).abs() * weight).mean() + ((recon - x).square() * weight).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, start, seconds)
-        opt.step()
-        losses.append(rec.item())
-        step += 1
-        if step % 64 == 0:
-            pool[: batch * 2] = scene_images(batch * 2, image_size, rng)
-            pool = pool[torch.randperm(len(pool))]
-        if progress:
-            progress(step, losses[-1])
+        return rec + kl_weight * kl, rec
+
+    losses = pretrain(loss_fn, [*vae.encoder.parameters(), *vae.decoder.parameters()], lr=lr, steps=steps,
+                      seconds=seconds, desc=desc)
     vae.eval()
     with torch.no_grad():
         latents = [vae.encoder(pool[i:i + 256].to(device)) for i in range(0, len(pool), 256)]

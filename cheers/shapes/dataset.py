@@ -23,19 +23,16 @@ import numpy as np
 from PIL import Image
 
 from cheers.errors import InputError
-from cheers.shapes.world import (
-    MMBENCH_CATEGORIES,
+from cheers.shapes.scenes import Scene, render, sample_scene, scene_for_metadata
+from cheers.shapes.texts import (
+    MMBENCH_L2,
     OPTION_LETTERS,
-    Scene,
     caption,
     format_mmbench_prompt,
     geneval_metadata,
     mmbench_questions,
     open_question,
     open_questions,
-    render,
-    sample_scene,
-    scene_for_metadata,
     text_sample,
 )
 
@@ -275,7 +272,7 @@ def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
         rng = _rng(seed, _STREAM_MMBENCH, i)
         scene: Scene = sample_scene(rng, image_size)
         qs = mmbench_questions(scene, rng)
-        want = MMBENCH_CATEGORIES[i % len(MMBENCH_CATEGORIES)]
+        want = list(MMBENCH_L2)[i % len(MMBENCH_L2)]
         pick = [q for q in qs if q["category"] == want] or qs
         q = pick[int(rng.integers(len(pick)))]
         row = {c: "" for c in MMBENCH_COLUMNS}

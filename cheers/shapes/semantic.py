@@ -17,9 +17,6 @@ of ``t x1 + (1 - t) noise`` with t in ``[t_min, 1]``, what it meets inside Cheer
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,8 +25,9 @@ from torch import nn
 
 from cheers.config import SiglipConfig
 from cheers.errors import InputError
-from cheers.shapes.autoencoder import cosine_lr, scene_pixels
-from cheers.shapes.world import COLOURS, SHAPES, Scene, object_masks, sample_scene
+from cheers.shapes.autoencoder import scene_pixels
+from cheers.shapes.pretrain import pretrain
+from cheers.shapes.scenes import COLOURS, SHAPES, Scene, object_masks, sample_scene
 from cheers.tokenizer.siglip import SiglipVision
 from cheers.tokenizer.vae import VAE
 
@@ -75,12 +73,12 @@ class PatchProbes(nn.Module):
         return self.colour(feats), self.shape(feats)
 
 
-def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, *, seconds: float = 60.0,
-                           max_steps: int = 3000, batch: int = 32, lr: float = 3e-3, t_min: float = 0.5,
-                           pool_size: int = 1024, seed: int = 0,
-                           progress: Callable[[int, float], None] | None = None
+def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, *, steps: int | None = None,
+                           seconds: float | None = None, batch: int = 32, lr: float = 3e-3, t_min: float = 0.5,
+                           pool_size: int = 1024, seed: int = 0, desc: str | None = None
                            ) -> tuple[SiglipVision, list[float], dict[str, float]]:
-    """Train a ``SiglipVision`` on dense shapes labels for ``seconds`` (or ``max_steps``).
+    """Train a ``SiglipVision`` on dense shapes labels for ``steps`` optimiser steps and / or
+    ``seconds`` (``cheers.shapes.pretrain.pretrain``).
 
     The inputs are rendered scenes (``vae=None``, the demo's choice) or, given the trained
     ``vae``, pixel decodings of their noised latents. Returns the encoder, its loss curve and
@@ -92,15 +90,16 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
     encoder = SiglipVision(cfg)
     encoder.init_weights()
     probes = PatchProbes(cfg.hidden_size)
-    params = [*encoder.parameters(), *probes.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if vae is not None:
         vae.eval()
-    pool = labelled_scenes(pool_size, image_size, cfg.patch_size, rng)  # partly redrawn as it trains
-    losses: list[float] = []
-    start = time.monotonic()
-    step = 0
-    while step < max_steps and time.monotonic() - start < seconds:
+    pool = labelled_scenes(pool_size, image_size, cfg.patch_size, rng)  # partly redrawn every 32 steps
+
+    def loss_fn(step: int) -> torch.Tensor:
+        if step and step % 32 == 0:
+            fresh = labelled_scenes(batch, image_size, cfg.patch_size, rng)
+            slot = torch.randint(0, len(pool[0]), (batch,))
+            for p, f in zip(pool, fresh):
+                p[slot] = f
         idx = torch.randint(0, len(pool[0]), (batch,))
         pixels, colour, shape = (p[idx] for p in pool)
         seen = pixels
@@ -111,23 +110,11 @@ def train_semantic_encoder(cfg: SiglipConfig, vae: VAE | None, image_size: int, 
                 seen = vae.decode(t * x1 + (1 - t) * torch.randn_like(x1))
         feats, _ = encoder(seen)
         logit_c, logit_s = probes(feats)
-        loss = (F.cross_entropy(logit_c.flatten(0, 1), colour.flatten())
+        return (F.cross_entropy(logit_c.flatten(0, 1), colour.flatten())
                 + F.cross_entropy(logit_s.flatten(0, 1), shape.flatten()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, start, seconds)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if progress:
-            progress(step, losses[-1])
-        if step % 32 == 0:
-            fresh = labelled_scenes(batch, image_size, cfg.patch_size, rng)
-            slot = torch.randint(0, len(pool[0]), (batch,))
-            for p, f in zip(pool, fresh):
-                p[slot] = f
+
+    losses = pretrain(loss_fn, [*encoder.parameters(), *probes.parameters()], lr=lr, steps=steps,
+                      seconds=seconds, desc=desc)
     encoder.eval()
     return encoder, losses, probe_accuracy(encoder, probes, vae, image_size, rng)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cheers.errors import CheckpointError
-from cheers.hf_io import (
+from cheers.safetensors_io import (
     load_checked,
     read_json,
     read_safetensors,

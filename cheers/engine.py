@@ -17,7 +17,7 @@ from cheers.attention import build_dense_mask
 from cheers.cuda_graphs import StaticDecoder, StaticVelocity
 from cheers.errors import InputError
 from cheers.flow_head import transport
-from cheers.llm import KVCache
+from cheers.kv_cache import KVCache
 from cheers.sequence import GEN_PLACEHOLDER, expand_placeholders, pack, prepend_image
 
 

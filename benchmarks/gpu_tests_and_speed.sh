@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session's checks and benchmarks, run from the repository root on the device machine:
-#   bash benchmarks/gpu_session.sh        (figures under $OUT, default outputs/gpu)
+# On one CUDA GPU: the `gpu`-marked tests, the inference speed benchmark (text to image and
+# decoding, ours against the naive sampler) and the LLM training throughput against transformers.
+# Run from the repository root:
+#   bash benchmarks/gpu_tests_and_speed.sh        (figures under $OUT, default outputs/gpu)
 # Needs the wheels in .whl/: this package (pip wheel --no-deps . -w .whl) and what the GPU
 # image lacks (diffusers, importlib_metadata, webdataset, braceexpand).
 set -uo pipefail
@@ -14,7 +16,7 @@ export PYTHONPATH=/tmp/site
 rm -rf /tmp/run && mkdir -p /tmp/run && cp -r "$REPO/benchmarks" "$REPO/tests" /tmp/run/ && cd /tmp/run
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-timeout 300 python3 benchmarks/generate.py --device cuda --dtype bf16 --out "$OUT/generate_gpu.json" \
+timeout 300 python3 benchmarks/inference_speed.py --device cuda --dtype bf16 --out "$OUT/generate_gpu.json" \
     2>&1 | tee "$OUT/generate.log"
 timeout 330 python3 benchmarks/train_throughput.py llm --compile --variants "${TRAIN_VARIANTS:-trainer+compile,ours,ours+compile}" \
     --json "$OUT/train_llm.json" 2>&1 | grep -v Warning | tee "$OUT/train_llm.log"

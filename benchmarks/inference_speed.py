@@ -1,14 +1,14 @@
 """Inference speed: text-to-image sampling and text decoding, ours against a naive baseline.
 
-    python benchmarks/generate.py                                       # CPU, debug dims (seconds)
-    python benchmarks/generate.py --hidden 256 --layers 4 --size 128    # CPU, bigger dims (~1 min)
-    python benchmarks/generate.py --device cuda --dtype bf16            # GPU, cheers-1.5b dims, 512 px
-    python benchmarks/generate.py ... --out figures.json                # the figures as JSON
+    python benchmarks/inference_speed.py                                       # CPU, debug dims (seconds)
+    python benchmarks/inference_speed.py --hidden 256 --layers 4 --size 128    # CPU, bigger dims (~1 min)
+    python benchmarks/inference_speed.py --device cuda --dtype bf16            # GPU, cheers-1.5b dims, 512 px
+    python benchmarks/inference_speed.py ... --out figures.json                # the figures as JSON
 
 Both paths run in the same process on the same random-weight model (built on the meta device,
 then ``to_empty`` + ``init_weights()``), with the same prompts, noise, steps and CFG scale:
 
-- **ours**: ``cheers.generate.Engine``. T2I: the prompt's KV cache is computed once and reused at
+- **ours**: ``cheers.engine.Engine``. T2I: the prompt's KV cache is computed once and reused at
   every step, the conditional and unconditional branches run as one batch, the pixel decoder and
   SigLIP run once per step on the shared ``xt``. Decoding: a KV cache, one token per step.
 - **naive** (written here; what the official implementation does): every step re-runs the whole
@@ -47,8 +47,8 @@ if str(ROOT) not in sys.path:
 
 from cheers.attention import build_dense_mask  # noqa: E402
 from cheers.config import ModelConfig, flavour, from_dict, to_dict  # noqa: E402
+from cheers.engine import Engine  # noqa: E402
 from cheers.flow_head import transport  # noqa: E402
-from cheers.generate import Engine  # noqa: E402
 from cheers.model import CheersModel  # noqa: E402
 from cheers.sequence import UND_PLACEHOLDER, expand_placeholders, null_prompt, pack, prepend_image  # noqa: E402
 
@@ -526,7 +526,7 @@ def main(argv=None) -> dict:
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     result = {
         "device": name, "dtype": args.dtype, "torch": torch.__version__, "flavour": args.flavour,
-        "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/inference_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "dims": {"llm_hidden": cfg.llm.hidden_size, "llm_layers": cfg.llm.num_hidden_layers,
                  "llm_heads": [cfg.llm.num_attention_heads, cfg.llm.num_key_value_heads],
                  "vocab": cfg.llm.vocab_size, "image_size": cfg.tokenizer.image_size,

@@ -1,0 +1,66 @@
+"""``cheers serve``: the OpenAI-compatible server and its web page, on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from cheers.cli_args import OneLineParser, integer, number, positive_int
+from cheers.errors import CheersError
+from cheers.serve.config import ServeConfig
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    ap = OneLineParser(prog="cheers serve", description=__doc__)
+    ap.add_argument("--ckpt", type=Path, default=None,
+                    help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
+    ap.add_argument("--port", type=integer(0), default=d.port)
+    ap.add_argument("--api-key", default=os.environ.get("CHEERS_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CHEERS_API_KEY)")
+    ap.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    ap.add_argument("--queue-size", type=positive_int, default=d.queue_size,
+                    help="requests waiting or running before the server answers 429")
+    ap.add_argument("--max-batch", type=positive_int, default=d.max_batch,
+                    help="images per sampler batch and chats decoding together (1: one request at a time)")
+    ap.add_argument("--batch-window-ms", type=number(0), default=d.batch_window_ms,
+                    help="how long an image request waits for others to share its batch")
+    ap.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="limit of a chat's max_tokens")
+    ap.add_argument("--max-n", type=positive_int, default=d.max_n, help="limit of the images per request")
+    ap.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels)
+    ap.add_argument("--max-body-mb", type=number(0, low_open=True), default=d.max_body_bytes / 2**20)
+    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from cheers.pipeline import Pipeline, default_checkpoint
+
+    ckpt = args.ckpt or default_checkpoint()
+    if not ckpt.is_dir():
+        hint = (" Run `cheers demo` to train the shapes-world model (CPU, about 15 minutes), or "
+                "`cheers debug-checkpoint` for a random tiny one, and pass it with --ckpt.") if args.ckpt is None else ""
+        raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
+                      model_name=args.model_name or ckpt.resolve().name, queue_size=args.queue_size,
+                      max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_tokens=args.max_tokens,
+                      max_n=args.max_n, max_image_pixels=args.max_image_pixels,
+                      max_body_bytes=int(args.max_body_mb * 2**20))
+    import uvicorn
+
+    from cheers.serve.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    if cfg.host not in LOOPBACK and cfg.api_key is None:
+        logging.getLogger("cheers.serve").warning(
+            "serving on %s without an API key: anyone who reaches this address can use the model", cfg.host)
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    print(f"cheers serve: {cfg.model_name} ({ckpt}) on http://{cfg.host}:{cfg.port}/", flush=True)
+    uvicorn.run(create_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level=args.log_level)

@@ -1,0 +1,351 @@
+"""The scheduler: one thread owns the model and batches the requests of every HTTP client.
+
+* Image requests (generations and edits) that arrive within ``batch_window_ms`` of the first
+  one, and share its sampling settings, run as one sampler batch (their CFG rows included).
+* Chat requests decode together in a :class:`DecodeBatch`: a request joins between two decode
+  steps and leaves as soon as it is done, so a long answer does not hold up a short one. While
+  an image batch samples, the chat batch decodes between its steps, for as long as each step
+  took: images and chats share the model by time.
+* At most ``queue_size`` requests wait or run; one more is refused (HTTP 429).
+
+With ``max_batch == 1`` it serves one request at a time, in arrival order (the reference the
+load benchmark compares against).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+
+import torch
+
+from cheers.pipeline import Pipeline, to_pil
+from cheers.serve.config import ServeConfig
+from cheers.serve.decode_batch import DecodeBatch, RowSampling
+from cheers.serve.errors import APIError
+from cheers.serve.validation import ChatRequest, ImageRequest
+
+log = logging.getLogger("cheers.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``queue_size`` requests; ``retry_after`` estimates when to come back (s)."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Job:
+    """A request in the scheduler. Its events go back to the event loop that submitted it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False  # the client went away: drop the job at the next chance
+        self.submitted = time.monotonic()
+
+    def post(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def fail(self, error: Exception) -> None:
+        self.post("error", error)
+
+
+class ImageJob(Job):
+    """Events: ``("done", [PIL images])`` or ``("error", exception)``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: ImageRequest):
+        super().__init__(loop)
+        self.request = request
+
+
+class ChatJob(Job):
+    """Events: ``("text", piece)`` as the answer grows, then ``("done", finish_reason, usage)``
+    (or ``("error", exception)``).
+
+    The answer is assembled as ``Pipeline.stream`` assembles it, and stripped like
+    ``Pipeline.understand``'s: leading and trailing whitespace is held back until text follows
+    it. Text that could be the start of a ``stop`` string is held back too.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: ChatRequest, tokenizer, stop_ids: set[int]):
+        super().__init__(loop)
+        self.request = request
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.decoded = ""  # the tokenizer's text of ``tokens``
+        self.answer = ""  # what ``Pipeline.stream`` would have yielded so far, joined
+        self.sent = 0  # characters of the stripped answer posted
+        self.hold = max((len(s) for s in request.stop), default=1) - 1
+
+    def feed(self, token: int) -> bool:
+        """Take the next token of this row; True when the answer is finished."""
+        self.generated += 1
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        else:
+            self.tokens.append(token)
+            new = self.tokenizer.decode(self.tokens)
+            if len(new) > len(self.decoded):
+                self.answer += new[len(self.decoded):]
+                self.decoded = new
+            cut = [i for i in (self.answer.find(s) for s in self.request.stop) if i >= 0]
+            if cut:
+                self.answer, finish = self.answer[:min(cut)], "stop"
+            elif len(self.tokens) >= self.request.max_tokens:
+                finish = "length"
+        text = self.answer.lstrip()
+        end = len(text.rstrip())
+        if finish is None:
+            end = min(end, len(text) - self.hold)
+        if end > self.sent:
+            self.post("text", text[self.sent:end])
+            self.sent = end
+        if finish is not None:
+            p = self.request.prompt_tokens
+            self.post("done", finish, {"prompt_tokens": p, "completion_tokens": self.generated,
+                                       "total_tokens": p + self.generated})
+        return finish is not None
+
+
+class Scheduler:
+    """Owns ``pipe`` in its own thread; ``submit`` is safe to call from any thread."""
+
+    def __init__(self, pipe: Pipeline, cfg: ServeConfig):
+        self.pipe = pipe
+        self.cfg = cfg
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._rows: list[ChatJob] = []  # decoding now, in the batch's row order
+        self._batch = DecodeBatch(pipe.engine)
+        self._sampling = 0  # image jobs in the sampler now
+        self._stop_ids = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
+        self._job_seconds = 1.0  # running mean of a request's time in the server (for Retry-After)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._step_started = 0.0  # when the running sampler step began
+        self.stats = {"sampler_calls": 0, "image_rows": 0, "largest_image_batch": 0, "decode_steps": 0,
+                      "largest_chat_batch": 0, "prefills": 0, "completed": 0, "failed": 0, "rejected": 0}
+
+    @property
+    def sequential(self) -> bool:
+        return self.cfg.max_batch == 1
+
+    # ------------------------------------------------------------------ client side
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"waiting": len(self._pending), "decoding": len(self._rows), "sampling": self._sampling,
+                    "capacity": self.cfg.queue_size}
+
+    def chat_job(self, loop: asyncio.AbstractEventLoop, request: ChatRequest) -> ChatJob:
+        return ChatJob(loop, request, self.pipe.text_tokenizer, self._stop_ids)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFull` when ``queue_size`` requests wait or run."""
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down")
+            if len(self._pending) + len(self._rows) + self._sampling >= self.cfg.queue_size:
+                self.stats["rejected"] += 1
+                raise QueueFull(max(1, math.ceil(self._job_seconds)))
+            self._pending.append(job)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cheers-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        gone = APIError(503, "the server is shutting down")
+        for job in [*self._pending, *self._rows]:
+            job.fail(gone)
+        self._pending.clear()
+        self._rows = []
+
+    # ------------------------------------------------------------------ the model thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending or self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                images, wait = self._take_images()
+            if images:
+                self._run_images(images)
+            elif self._rows or self._chat_waiting():
+                self._chat_step()
+            elif wait:
+                with self._cond:
+                    self._cond.wait(timeout=wait)
+
+    def _finished(self, job: Job, ok: bool) -> None:
+        self.stats["completed" if ok else "failed"] += 1
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - job.submitted)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._pending if j.cancelled]:
+            self._pending.remove(job)
+
+    def _take_images(self) -> tuple[list[ImageJob], float | None]:
+        """Image jobs to sample now (under the lock), or how long to wait for more to join."""
+        self._drop_cancelled()
+        if self.sequential:
+            if self._rows or not self._pending or not isinstance(self._pending[0], ImageJob):
+                return [], None
+            return [self._claim(self._pending[0])], None
+        jobs = [j for j in self._pending if isinstance(j, ImageJob)]
+        if not jobs:
+            return [], None
+        key = jobs[0].request.batch_key
+        take, rows = [], 0
+        for job in jobs:
+            if job.request.batch_key != key:
+                continue
+            if take and rows + job.request.n > self.cfg.max_batch:
+                break
+            take.append(job)
+            rows += job.request.n
+        waited = time.monotonic() - jobs[0].submitted
+        window = self.cfg.batch_window_ms / 1000
+        if rows < self.cfg.max_batch and waited < window:
+            return [], window - waited
+        return [self._claim(j) for j in take], None
+
+    def _claim(self, job: ImageJob) -> ImageJob:
+        self._pending.remove(job)
+        self._sampling += 1
+        return job
+
+    def _run_images(self, jobs: list[ImageJob]) -> None:
+        try:
+            self._batch_or_alone(jobs, self._images, "an image batch")
+        finally:
+            with self._cond:
+                self._sampling -= len(jobs)
+
+    def _batch_or_alone(self, jobs: list[Job], run, what: str) -> None:
+        """``run(jobs)``; if that fails, ``run([job])`` for each, so only a request that fails
+        alone gets the error."""
+        try:
+            run(jobs)
+        except Exception as e:
+            if len(jobs) > 1:
+                log.warning("%s of %d requests failed (%s); running them one by one", what, len(jobs), e)
+                for job in jobs:
+                    self._batch_or_alone([job], run, what)
+                return
+            log.exception("%s failed", what)
+            jobs[0].fail(e)
+            self._finished(jobs[0], ok=False)
+
+    def _images(self, jobs: list[ImageJob]) -> None:
+        for job, images in zip(jobs, self._sample(jobs), strict=True):
+            job.post("done", images)
+            self._finished(job, ok=True)
+
+    def _sample(self, jobs: list[ImageJob]) -> list[list]:
+        """One sampler call for every image of ``jobs`` -> each job's PIL images."""
+        first = jobs[0].request
+        prompts = [j.request.prompt for j in jobs for _ in range(j.request.n)]
+        seeds = [s for j in jobs for s in j.request.seeds]
+        model = self.pipe.model
+        start = None
+        with torch.no_grad():
+            if first.source is not None:
+                pixels = torch.stack([j.request.source for j in jobs for _ in range(j.request.n)])
+                start = (model.tokenizer.encode(pixels.to(self.pipe.engine.device)), 1.0 - first.strength)
+            self._step_started = time.monotonic()
+            latents = self.pipe.generate_latents(prompts, seeds=seeds, steps=first.steps, cfg_scale=first.cfg_scale,
+                                                 shift=first.shift, start=start,
+                                                 callback=None if self.sequential else self._between_steps)
+            images = [to_pil(p) for p in model.tokenizer.decode(latents)]
+        self.stats["sampler_calls"] += 1
+        self.stats["image_rows"] += len(prompts)
+        self.stats["largest_image_batch"] = max(self.stats["largest_image_batch"], len(prompts))
+        out, k = [], 0
+        for job in jobs:
+            out.append(images[k:k + job.request.n])
+            k += job.request.n
+        return out
+
+    def _between_steps(self, _step: int) -> None:
+        """Between two sampler steps the chat batch decodes for as long as the step took (at
+        least one token), so images and chats share the model thread by time."""
+        until = 2 * time.monotonic() - self._step_started
+        self._chat_step()
+        while self._rows and time.monotonic() < until:
+            self._chat_step()
+        self._step_started = time.monotonic()
+
+    # ------------------------------------------------------------------ chat
+
+    def _chat_waiting(self) -> bool:
+        with self._cond:
+            return any(isinstance(j, ChatJob) for j in self._pending)
+
+    def _take_chats(self) -> list[ChatJob]:
+        with self._cond:
+            self._drop_cancelled()
+            if self.sequential:
+                if self._rows or not self._pending or not isinstance(self._pending[0], ChatJob):
+                    return []
+                return [self._pending.popleft()]
+            room = self.cfg.max_batch - len(self._rows)
+            take = [j for j in self._pending if isinstance(j, ChatJob)][:room]
+            for job in take:
+                self._pending.remove(job)
+            return take
+
+    def _join(self, jobs: list[ChatJob]) -> None:
+        """Prefill ``jobs`` into the decode batch."""
+        device = self.pipe.engine.device
+        sampling = [RowSampling(j.request.temperature, j.request.top_p,
+                                torch.Generator(device=device).manual_seed(j.request.seed)) for j in jobs]
+        self._batch.join([j.request.ids for j in jobs], [j.request.images for j in jobs], sampling)
+        self.stats["prefills"] += 1
+        with self._cond:
+            self._rows += jobs
+
+    def _chat_step(self) -> None:
+        """Admit waiting chats, then decode one token for every row; finished rows leave."""
+        joining = self._take_chats()
+        if joining:
+            self._batch_or_alone(joining, self._join, "a chat prefill")
+        if not self._rows:
+            return
+        try:
+            tokens = self._batch.pick()
+            done = [r for r, (job, tok) in enumerate(zip(self._rows, tokens, strict=True))
+                    if job.cancelled or job.feed(tok)]
+            for r in done:
+                self._finished(self._rows[r], ok=True)
+            self._batch.drop(done)
+            with self._cond:
+                self._rows = [job for r, job in enumerate(self._rows) if r not in done]
+            self._batch.advance([tok for r, tok in enumerate(tokens) if r not in done])
+            self.stats["decode_steps"] += 1
+            self.stats["largest_chat_batch"] = max(self.stats["largest_chat_batch"], len(tokens))
+        except Exception as e:
+            log.exception("a decode step failed; failing the %d chat requests in it", len(self._rows))
+            for job in self._rows:
+                job.fail(e)
+                self._finished(job, ok=False)
+            with self._cond:
+                self._rows = []
+            self._batch = DecodeBatch(self.pipe.engine)
