@@ -10,13 +10,14 @@ export PYTHONUNBUFFERED=1
 REPO=$PWD
 OUT=${OUT:-$REPO/outputs/gpu}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
+WORK=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
+export PYTHONPATH=$WORK/site
 # run from copies, so that the repository's folders do not shadow the installed package
-rm -rf /tmp/run && mkdir -p /tmp/run && cp -r "$REPO/benchmarks" "$REPO/tests" /tmp/run/ && cd /tmp/run
+cp -r "$REPO/benchmarks" "$REPO/tests" "$WORK/" && cd "$WORK"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-timeout 300 python3 benchmarks/inference_speed.py --device cuda --dtype bf16 --out "$OUT/generate_gpu.json" \
-    2>&1 | tee "$OUT/generate.log"
+timeout 300 python3 benchmarks/inference_speed.py --device cuda --dtype bf16 --out "$OUT/inference_speed.json" \
+    2>&1 | tee "$OUT/inference_speed.log"
 timeout 330 python3 benchmarks/train_throughput.py llm --compile --variants "${TRAIN_VARIANTS:-trainer+compile,ours,ours+compile}" \
     --json "$OUT/train_llm.json" 2>&1 | grep -v Warning | tee "$OUT/train_llm.log"

@@ -316,20 +316,15 @@ def _flavour_debug() -> ModelConfig:
 def _flavour_shapes() -> ModelConfig:
     """The ``shapes`` flavour: the whole Cheers architecture, small enough to train on a CPU.
 
-    64 px images, an 8x8 latent grid of 16 channels (a 4x VAE + 2x2 patchify), a 2-layer
-    semantic encoder with 8 px patches, 16 LLM tokens per image, a 4-layer LLM of width 192.
-    Its departures from the released model, each for a reason that holds at this size (the
-    measurements are in benchmarks/RESULTS.md, "Shapes world"):
-
-    - ``transport.prediction="x1"``: direct velocity prediction leaves speckle in the samples;
-    - plain Euler to t = 1 (no official extra step) and no dummy image prefix;
-    - ``tokenizer.compressor_out_rms``: trained from scratch, the image tokens otherwise grow
-      until the prompt no longer moves them;
-    - ``head.time_scale=1000``: with t in [0, 1] as is, most time frequencies are flat;
-    - ``vae.pooled_rgb_latent``: three of the four latent channels are the pooled RGB, so a mix
-      of latents decodes to a mix of colours instead of another hue;
-    - ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``: the LLM tokens and stage B read
-      the noisy latent directly, since the demo keeps its pixel decoder and semantic encoder frozen.
+    Where it departs from the released model, it is for a reason that holds at this size
+    (evidence in benchmarks/RESULTS.md, "Shapes world"): ``transport.prediction="x1"``, since
+    direct velocity prediction leaves speckle; ``tokenizer.compressor_out_rms``, since image
+    tokens trained from scratch otherwise grow until the prompt no longer moves them;
+    ``head.time_scale``, so that t in [0, 1] spans the time frequencies; ``vae.pooled_rgb_latent``,
+    so that a mix of latents decodes to a mix of colours, not another hue; ``latent_to_llm`` and
+    ``latent_to_stage_b``, so that the LLM tokens and stage B read the noisy latent directly, not
+    only through the frozen pixel decoder and semantic encoder; plain Euler to t = 1 and no dummy
+    image prefix.
     """
     return ModelConfig(
         flavour="shapes",

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cheers.cli_args import OneLineParser, non_negative_int, output_folder, positive_int
 from cheers.errors import InputError
 
 CALIB_SEED = (
@@ -238,7 +239,7 @@ def quantize_checkpoint(
 def main(argv: list[str] | None = None) -> int:
     from cheers.pipeline import default_checkpoint
 
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="cheers quantize",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -256,31 +257,41 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="calibration shards (paths, globs, brace patterns; repeatable). Default: shapes data",
     )
-    ap.add_argument("--samples", type=int, default=64, help="calibration samples")
-    ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per batch")
+    ap.add_argument("--samples", type=positive_int, default=64, help="calibration samples")
     ap.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: <ckpt>-<method>)"
+        "--batch-size", type=positive_int, default=8, help="calibration samples per batch"
+    )
+    ap.add_argument(
+        "--out", type=output_folder, default=None, help="output folder (default: <ckpt>-<method>)"
     )
     ap.add_argument(
         "--state-dir", type=Path, default=None, help="save finished blocks here; a rerun resumes"
     )
-    ap.add_argument("--group-size", type=int, default=64, help="rtn / gptq: inputs per scale group")
     ap.add_argument(
-        "--finetune-steps", type=int, default=None, help="lcqat: Adam steps per block (default 100)"
+        "--group-size", type=positive_int, default=64, help="rtn / gptq: inputs per scale group"
     )
     ap.add_argument(
-        "--sweeps", type=int, default=None, help="lcqat: refinement sweeps after the LDL pass"
+        "--finetune-steps",
+        type=non_negative_int,
+        default=None,
+        help="lcqat: Adam steps per block (default 100)",
+    )
+    ap.add_argument(
+        "--sweeps",
+        type=non_negative_int,
+        default=None,
+        help="lcqat: refinement sweeps after the LDL pass",
     )
     ap.add_argument(
         "--hadamard", choices=["full", "block128"], default=None, help="lcqat: transform"
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     ckpt = args.ckpt or default_checkpoint()
     if not ckpt.is_dir():
-        raise InputError(f"checkpoint folder not found: {ckpt}")
+        ap.error(f"checkpoint folder not found: {ckpt}")
     out = args.out or ckpt.with_name(f"{ckpt.name}-{args.method}")
     opts = {
         k: v
@@ -292,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     if opts and args.method != "lcqat":
-        raise InputError(f"--{next(iter(opts)).replace('_', '-')} applies to --method lcqat only")
+        ap.error(f"--{next(iter(opts)).replace('_', '-')} applies to --method lcqat only")
+    if args.calib and args.method != "rtn":
+        from cheers.train.data import expand_shards
+
+        try:
+            expand_shards(args.calib, what="--calib")
+        except InputError as e:
+            ap.error(str(e))
     _, summary = quantize_checkpoint(
         ckpt,
         out,

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cheers.errors import CheersError
+from cheers.cli_args import OneLineParser, non_negative_int, number, positive_int
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -33,22 +33,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps (default: the checkpoint's)",
     )
     p.add_argument(
-        "--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)"
+        "--cfg",
+        type=number(0.0),
+        default=None,
+        help="guidance scale, >= 0 (default: the checkpoint's)",
     )
     p.add_argument(
-        "--shift", type=float, default=None, help="time shift (default: the checkpoint's)"
+        "--shift",
+        type=number(0.0, low_open=True),
+        default=None,
+        help="time shift, > 0 (default: the checkpoint's)",
     )
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="images sampled together")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images sampled together")
 
 
 def _answer_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--batch-size", type=int, default=16, help="questions answered together")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="questions answered together"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -118,17 +129,8 @@ def geneval_score(args) -> None:
             clip_arch=args.clip_arch,
             device=args.device,
         )
-    options = {}
-    for opt in args.options or []:
-        key, _, value = opt.partition("=")
-        if key not in GenEvalConfig.__dataclass_fields__ or not value:
-            raise CheersError(
-                f"--options {opt!r}: expected KEY=VALUE with KEY one of "
-                f"{sorted(GenEvalConfig.__dataclass_fields__)}"
-            )
-        options[key] = type(getattr(GenEvalConfig(), key))(value)
     out = args.out or Path(args.imagedir) / "results.jsonl"
-    records = geneval.score(args.imagedir, out, detector, colours, GenEvalConfig(**options))
+    records = geneval.score(args.imagedir, out, detector, colours, GenEvalConfig(**args.options))
     print(f"geneval: scored {len(records)} images -> {out}")
 
 
@@ -285,7 +287,7 @@ def shapes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="cheers eval",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = g.add_parser("generate", help="images in the official layout (resumable)")
     p.add_argument("--metadata", type=Path, required=True, help="evaluation_metadata.jsonl")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--n", type=positive_int, default=4, help="images per prompt")
     _model_args(p)
     _sampling_args(p)
     p.set_defaults(fn=geneval_generate)
@@ -342,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vqa-model-dir", default=None, help="local mPLUG-large VQA folder (ModelScope)"
     )
     p.add_argument(
-        "--resolution", type=int, default=None, help="tile side (default: half the width)"
+        "--resolution", type=positive_int, default=None, help="tile side (default: half the width)"
     )
-    p.add_argument("--pic-num", type=int, default=4, help="tiles scored per grid")
+    p.add_argument("--pic-num", type=positive_int, default=4, help="tiles scored per grid")
     p.add_argument(
         "--keep-first-row",
         action="store_true",
@@ -381,18 +383,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs/shapes-eval"))
     _model_args(p)
     _sampling_args(p)
-    p.add_argument("--prompts-per-tag", type=int, default=8, help="GenEval prompts per tag")
-    p.add_argument("--dpg-prompts", type=int, default=24)
-    p.add_argument("--questions", type=int, default=60, help="MMBench questions and MME images")
-    p.add_argument("--answer-batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--data-seed", type=int, default=1, help="seed of the held-out shapes sets")
+    p.add_argument(
+        "--prompts-per-tag", type=positive_int, default=8, help="GenEval prompts per tag"
+    )
+    p.add_argument("--dpg-prompts", type=positive_int, default=24)
+    p.add_argument(
+        "--questions", type=positive_int, default=60, help="MMBench questions and MME images"
+    )
+    p.add_argument("--answer-batch-size", type=positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument(
+        "--data-seed", type=non_negative_int, default=1, help="seed of the held-out shapes sets"
+    )
     p.set_defaults(fn=shapes)
     return ap
 
 
+# inputs that must exist, by argument: (how the message names it, a file or a folder)
+_INPUTS = {
+    "metadata": ("--metadata", "file"),
+    "tsv": ("--tsv", "file"),
+    "csv": ("--csv", "file"),
+    "pred": ("--pred", "file"),
+    "results": ("RESULTS", "file"),
+    "prompts": ("--prompts", "folder"),
+    "imagedir": ("IMAGEDIR", "folder"),
+    "ckpt": ("--ckpt", "folder"),
+}
+
+
+def _geneval_options(ap: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``--options KEY=VALUE ...`` as ``GenEvalConfig`` keyword arguments of the right types."""
+    from cheers.eval.geneval_rules import GenEvalConfig
+
+    keys = sorted(GenEvalConfig.__dataclass_fields__)
+    options = {}
+    for opt in pairs:
+        key, _, value = opt.partition("=")
+        if key not in keys or not value:
+            ap.error(f"--options {opt!r}: expected KEY=VALUE with KEY one of {keys}")
+        kind = type(getattr(GenEvalConfig(), key))
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            ap.error(f"--options {opt!r}: {key} takes a {kind.__name__}, got {value!r}")
+    return options
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any model or scorer loads, what would fail later: a missing input, half a
+    judge, a bad ``--options``. (The external scorers name their own missing files.)"""
+    for dest, (name, kind) in _INPUTS.items():
+        path = getattr(args, dest, None)
+        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+            ap.error(f"{name} {path}: no such {kind}")
+    if hasattr(args, "judge_url") and bool(args.judge_url) != bool(args.judge_model):
+        ap.error("a judge needs both --judge-url and --judge-model")
+    if hasattr(args, "options"):
+        args.options = _geneval_options(ap, args.options or [])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     args.fn(args)
     return 0
 

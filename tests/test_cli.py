@@ -196,6 +196,35 @@ def test_info_refuses_an_unknown_flavour(capsys):
     assert "invalid choice: 'shape'" in _refused(["info", "--flavour", "shape"], capsys)
 
 
+def test_eval_refuses_a_bad_value_before_loading_the_model(ckpt, tmp_path, capsys, no_sampling):
+    (tmp_path / "meta.jsonl").write_text('{"prompt": "a photo of a red circle", "tag": "single_object"}\n')
+    err = _refused(["eval", "geneval", "generate", "--metadata", str(tmp_path / "meta.jsonl"),
+                    "--out", str(tmp_path / "o"), "--ckpt", str(ckpt), "--n", "0"], capsys)
+    assert err.startswith("cheers eval geneval generate: error: argument --n: 0 must be >= 1"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_refuses_a_bad_value_before_loading_the_model(ckpt, tmp_path, capsys, monkeypatch):
+    import cheers.quantize
+
+    monkeypatch.setattr(cheers.quantize, "quantize_checkpoint", lambda *a, **k: pytest.fail("quantized"))
+    err = _refused(["quantize", "--ckpt", str(ckpt), "--method", "rtn", "--sweeps", "2",
+                    "--out", str(tmp_path / "q")], capsys)
+    assert err == "cheers quantize: error: --sweeps applies to --method lcqat only\n", err
+    err = _refused(["quantize", "--ckpt", str(ckpt), "--group-size", "0"], capsys)
+    assert "argument --group-size: 0 must be >= 1" in err, err
+
+
+def test_train_refuses_a_bad_override_before_any_work(tmp_path, capsys, monkeypatch):
+    import cheers.train.trainer
+
+    monkeypatch.setattr(cheers.train.trainer, "train", lambda *a, **k: pytest.fail("trained"))
+    err = _refused(["train", "--config", "configs/debug.yaml", "train.lr=fast",
+                    f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert err.startswith("cheers train: error: train.lr: expected a number, got 'fast'"), err
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- help
 
 

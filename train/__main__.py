@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
+from cheers.cli_args import OneLineParser
 from cheers.errors import CheersError
 
 
@@ -23,19 +24,23 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train (or resume) from a YAML config and dotted overrides; returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cheers train",
         description="Train Cheers. Launch with torchrun --nproc_per_node=N for several processes.",
     )
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults apply without one")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     args = parser.parse_args(argv)
-    _setup_logging()
     from .config import load_run_config
+
+    try:  # the recipe and the overrides are checked before any model or data work
+        cfg = load_run_config(args.config, args.overrides)
+    except CheersError as e:
+        parser.error(str(e))
+    _setup_logging()
     from .trainer import train
 
     try:
-        cfg = load_run_config(args.config, args.overrides)
         result = train(cfg)
     except CheersError as e:
         logging.getLogger("cheers.train").error("%s: %s", type(e).__name__, e)
@@ -53,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """Write a checkpoint as a plain folder: config.json + model.safetensors."""
-    parser = argparse.ArgumentParser(prog="cheers export", description=export_main.__doc__)
+    parser = OneLineParser(prog="cheers export", description=export_main.__doc__)
     parser.add_argument("checkpoint", help="a step_XXXXXXX folder, or a run folder (its latest)")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        parser.error(f"checkpoint folder not found: {args.checkpoint}")
     _setup_logging()
     from .checkpoint import export
 

@@ -73,14 +73,14 @@ class ChatJob(Job):
     it. Text that could be the start of a ``stop`` string is held back too.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: ChatRequest, tokenizer, stop_ids: set[int]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: ChatRequest, text_tokenizer, stop_ids: set[int]):
         super().__init__(loop)
         self.request = request
-        self.tokenizer = tokenizer
+        self.text_tokenizer = text_tokenizer
         self.stop_ids = stop_ids
         self.tokens: list[int] = []
         self.generated = 0
-        self.decoded = ""  # the tokenizer's text of ``tokens``
+        self.decoded = ""  # the text tokenizer's text of ``tokens``
         self.answer = ""  # what ``Pipeline.stream`` would have yielded so far, joined
         self.sent = 0  # characters of the stripped answer posted
         self.hold = max((len(s) for s in request.stop), default=1) - 1
@@ -93,7 +93,7 @@ class ChatJob(Job):
             finish = "stop"
         else:
             self.tokens.append(token)
-            new = self.tokenizer.decode(self.tokens)
+            new = self.text_tokenizer.decode(self.tokens)
             if len(new) > len(self.decoded):
                 self.answer += new[len(self.decoded):]
                 self.decoded = new

@@ -264,10 +264,9 @@ def parse_chat(body: dict, pipe, cfg: ServeConfig) -> ChatRequest:
         raise bad_request("'stream_options' must be an object", "stream_options")
 
     system, turns, pil = _turns(body["messages"], cfg)
-    tok = pipe.text_tokenizer
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
     try:
-        ids = tok.i2t_prompt(turns[-1][1], len(pil), system=system or None, history=history)
+        ids = pipe.text_tokenizer.i2t_prompt(turns[-1][1], len(pil), system=system or None, history=history)
     except InputError as e:
         raise bad_request(str(e), "messages") from e
     prompt_tokens = len(ids) + len(pil) * (pipe.cfg.tokens_per_image - 1)

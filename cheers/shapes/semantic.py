@@ -1,18 +1,15 @@
 """Pretraining the shapes world's tiny semantic encoder (the SigLIP2 of the shapes flavour).
 
-The released model starts from a pretrained SigLIP2: its patch features already say what is
-where, and the LLM reads images through them. A randomly initialised encoder trained jointly
-with everything else does not get there on a CPU budget: on the mostly grey shapes images its
-features carried 2% image-dependent variance at initialisation and none after 300 joint steps
-(the flow head then learned to denoise from the patch embeddings alone and ignored the prompt,
-and questions were answered at chance). So the demo pretrains it first, as it does the VAE.
+The released model starts from a pretrained SigLIP2 whose patch features already say what is
+where. A random encoder trained jointly with the rest on a CPU budget learns no image-dependent
+features (the flow head then ignores the prompt and questions are answered at chance), so the
+demo pretrains it first, as it does the VAE, and then freezes it.
 
-Objective: dense labels from the generator. Every patch is labelled with the colour and the
-class of the object covering most of it (or background), and the encoder's final features must
-give both through two linear probes. By default it sees the rendered images themselves (as
-SigLIP2 was trained on real images); given the trained VAE it sees instead the pixel decoding
-of ``t x1 + (1 - t) noise`` with t in ``[t_min, 1]``, what it meets inside Cheers (measured: steps
-4x slower, patch colour accuracy 0.51 after 90 s, against 0.98 after 45 s on clean images).
+Objective: dense labels from the generator. Every patch is labelled with the colour and class
+of the object covering most of it (or background), and two linear probes on the encoder's
+final features must recover both. The inputs are the rendered images (as SigLIP2 saw real
+images) or, given the trained VAE, pixel decodings of noised latents, which is what the
+encoder meets inside Cheers but trains slower (benchmarks/RESULTS.md, "Shapes world").
 """
 
 from __future__ import annotations

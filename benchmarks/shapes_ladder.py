@@ -1,0 +1,288 @@
+"""Learning curves of the shapes ladder (``cheers.shapes.ladder``): one rung trained for a fixed
+number of optimiser steps through the project's trainer, scored at step points on held-out
+GenEval-style prompts.
+
+    python benchmarks/shapes_ladder.py --rung R0 --steps 2000 [--out DIR] [--work DIR] [overrides ...]
+
+Every rung trains on text-to-image samples of one- and two-object scenes with the recipe of
+configs/shapes.yaml (the overrides change it), on the same shards, tokenizer and, for R4 / R5,
+the same pretrained semantic encoder and VAE (made once in ``--work``). At each point (default
+250, 500, 1000, 2000) it samples 4 images for each of ``--prompts`` held-out prompts per tag
+(colors, single_object, two_object: 128 images per tag by default) from the EMA weights and
+reports the GenEval tags, the share of images whose largest object has the prompt's colour
+(prompts that name one) and its shape (prompts with one object), the share of empty images,
+and seconds per step. Writes DIR/ladder.json, DIR/curve.png and a sample grid per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cheers.errors import CheersError
+
+TAGS = ("colors", "single_object", "two_object")
+
+
+def prepare_world(work: Path, n_samples: int, rung: str, seed: int) -> tuple[Path, Path, dict]:
+    """Shards, tokenizer and (R4 / R5) pretrained parts in ``work``, made once."""
+    from cheers.demo import shapes_run_config, train_text_tokenizer
+    from cheers.shapes.dataset import write_shards
+
+    data, tok_dir = work / "data", work / "tokenizer"
+    if not (data / "manifest.json").is_file():
+        print(f"writing {n_samples} text-to-image samples to {data}", flush=True)
+        write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64, mix={"t2i": 1.0},
+                     kinds=("single", "two"), samples_per_shard=2000, workers=os.cpu_count() or 1)
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_text_tokenizer([data], []).save(tok_dir)
+    parts: dict = {}
+    if rung in ("R4", "R5"):
+        parts_file = work / "parts.safetensors"
+        if not parts_file.is_file():
+            from cheers.shapes.autoencoder import train_vae
+            from cheers.shapes.semantic import train_semantic_encoder
+
+            model_cfg = shapes_run_config([]).model
+            print("pretraining the shapes VAE and semantic encoder", flush=True)
+            vae, vae_losses = train_vae(model_cfg.tokenizer.vae, 64, steps=1500, seconds=150.0, seed=seed)
+            enc, sem_losses, acc = train_semantic_encoder(model_cfg.tokenizer.siglip, None, 64, steps=3000,
+                                                          seconds=140.0, seed=seed)
+            tensors = {f"vae.{k}": v.contiguous() for k, v in vae.state_dict().items()}
+            tensors.update({f"siglip.{k}": v.contiguous() for k, v in enc.state_dict().items()})
+            save_file(tensors, str(parts_file))
+            (work / "parts.json").write_text(json.dumps({
+                "vae_steps": len(vae_losses), "vae_loss_end": float(np.mean(vae_losses[-10:])),
+                "semantic_steps": len(sem_losses), "semantic_loss_end": float(np.mean(sem_losses[-10:])),
+                "semantic_patch_accuracy": acc}, indent=1))
+        flat = load_file(str(parts_file))
+        for name in ("vae", "siglip"):
+            parts[name] = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
+    return data, tok_dir, parts
+
+
+class RungTask:
+    """The trainer's task for one rung (``train.task`` protocol)."""
+
+    def __init__(self, rung: str, parts: dict, tok_dir: Path, token_px: int | None = None, pixel_scale: float = 1.0):
+        self.rung, self.parts, self.tok_dir, self.token_px = rung, parts, tok_dir, token_px
+        self.pixel_scale = pixel_scale
+
+    def build_model(self, cfg):
+        from cheers.shapes.ladder import build_rung
+
+        return build_rung(cfg, self.rung, self.parts, self.token_px, self.pixel_scale)
+
+    def build_collate(self, cfg):
+        from cheers.collate import make_collate
+
+        return make_collate(cfg.model, str(self.tok_dir))
+
+
+def sampling_batches(cfg, tok, meta: list[dict], n_images: int, batch: int):
+    """(records, seeds, Batch of cond + null rows) chunks over every image to draw."""
+    from cheers.sequence import expand_placeholders, greedy_rows, null_prompt, pack
+
+    jobs = [(i, m, k) for i, m in enumerate(meta) for k in range(n_images)]
+    dummy = torch.zeros(3, cfg.tokenizer.image_size, cfg.tokenizer.image_size)
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        seqs = []
+        for null in (False, True):
+            for _i, m, _k in chunk:
+                ids, _ = tok.t2i_sample(m["prompt"])
+                seqs.append(expand_placeholders(null_prompt(ids, cfg) if null else ids, None, cfg,
+                                                [dummy], [True]))
+        rows = greedy_rows([len(s) for s in seqs], cfg.max_seq_len)
+        yield chunk, pack(seqs, cfg, rows=rows)
+
+
+def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cfg_scale: float,
+             seed: int, batch: int = 32) -> tuple[dict, list]:
+    """Scores of ``n_images`` samples per record, and (record, images) per record for a grid."""
+    from PIL import Image
+
+    from cheers.eval.geneval_rules import detection_colours, evaluate_image
+    from cheers.eval.shapes_detector import detect
+    from cheers.shapes.ladder import sample
+
+    model.eval()
+    shape = model.latent_shape
+    per_tag: dict[str, list[bool]] = {t: [] for t in TAGS}
+    colour_right, shape_right, empty = [], [], []
+    images_of: dict[int, list] = {}
+    for chunk, b in sampling_batches(cfg, tok, meta, n_images, batch):
+        # one noise per (record position, image): repeated prompts get fresh draws
+        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + i * n_images + k)) for i, _m, k in chunk])
+        latents = sample(model, b, noise, steps=steps, cfg_scale=cfg_scale,
+                         shift=cfg.transport.sample_shift)
+        with torch.no_grad():
+            pixels = model.decode(latents).clamp(0, 1)
+        arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        for (i, m, _k), a in zip(chunk, arr):
+            img = Image.fromarray(a)
+            images_of.setdefault(i, []).append(img)
+            dets = detect(img)
+            rec = evaluate_image(dets, m, image=img, color_classifier=detection_colours)
+            per_tag[m["tag"]].append(bool(rec["correct"]))
+            empty.append(not dets)
+            largest = max(dets, key=lambda d: d["area"]) if dets else None
+            first = m["include"][0]
+            if "color" in first:
+                colour_right.append(largest is not None and largest["colour"] == first["color"])
+            if len(m["include"]) == 1 and first["count"] == 1:
+                shape_right.append(largest is not None and largest["class"] == first["class"])
+    model.train()
+    scores = {t: float(np.mean(v)) for t, v in per_tag.items() if v}
+    scores.update(colour_right=float(np.mean(colour_right)), shape_right=float(np.mean(shape_right)),
+                  empty=float(np.mean(empty)), images=len(empty))
+    return scores, [(m, images_of[i]) for i, m in enumerate(meta)]
+
+
+def write_curve(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [p["step"] for p in points]
+    for key in ("colour_right", "shape_right", "colors", "single_object", "two_object", "empty"):
+        ax.plot(steps, [p[key] for p in points], marker="o", label=key,
+                linestyle="--" if key == "empty" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimiser steps")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    from cheers.shapes.ladder import RUNGS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rung", required=True, choices=list(RUNGS))
+    ap.add_argument("--steps", type=int, default=2000, help="optimiser steps of the run (its schedule's length)")
+    ap.add_argument("--points", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                    help="steps at which to score (those past --steps are dropped; --steps is always one)")
+    ap.add_argument("--out", type=Path, default=None, help="default: outputs/shapes-ladder/RUNG")
+    ap.add_argument("--work", type=Path, default=Path("outputs/shapes-ladder/work"),
+                    help="shared shards, tokenizer and pretrained parts (made once)")
+    ap.add_argument("--samples", type=int, default=16000, help="training samples to write (once)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out prompts per tag (4 images each)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default: the flavour's)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the flavour's)")
+    ap.add_argument("--token-px", type=int, default=None, help="R0-R2: pixels per image token a side")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="leave after the point at this step; run again with the same arguments to go on")
+    ap.add_argument("--pixel-scale", type=float, default=1.0,
+                    help="R0-R4: the pixel latent is scale * (2 p - 1) (p in [0, 1])")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.prompts < 1 or args.samples < 1:
+        ap.error("--prompts and --samples must be >= 1")
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        ap.error(f"--cfg-scale must be finite and >= 0, got {args.cfg_scale}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        ap.error(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    args.points = sorted({p for p in args.points if 0 < p < args.steps} | {args.steps})
+    args.out = args.out or Path("outputs/shapes-ladder") / args.rung
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from cheers.demo import shapes_run_config, write_grid
+    from cheers.shapes.dataset import write_geneval_metadata
+    from cheers.shapes.ladder import RUNGS, rung_config
+    from cheers.text_tokenizer import TextTokenizer
+    from cheers.train.checkpoint import full_state_from_checkpoint, list_checkpoints
+    from cheers.train.trainer import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed)
+    run_dir = args.out / "run"
+    trainable = "['*', '!tokenizer.siglip']" if args.rung == "R4" else (
+        "['*']" if args.rung != "R5" else None)
+    over = [f"data.shards=['{data}/*.tar']", f"data.text_tokenizer_dir={tok_dir}",
+            "data.ratios={t2i: 1.0, i2t: 0.0, text: 0.0}", f"train.out_dir={run_dir}",
+            f"train.steps={args.steps}", f"train.seed={args.seed}", "train.progress=false", "train.keep_last=8",
+            *([f"train.trainable={trainable}"] if trainable else []), *args.overrides]
+    cfg = shapes_run_config(over)
+    cfg = dataclasses.replace(cfg, model=rung_config(cfg.model, args.rung, args.token_px))
+    task = RungTask(args.rung, parts, tok_dir, args.token_px, args.pixel_scale)
+    tok = TextTokenizer.from_dir(tok_dir)
+    meta = [m for m in write_geneval_metadata(str(args.out / "geneval_metadata.jsonl"), args.prompts,
+                                              seed=args.seed + 1) if m["tag"] in TAGS]
+    tc = cfg.model.transport
+    steps = args.sample_steps or tc.sample_steps
+    cfg_scale = tc.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    record = {"rung": args.rung, "what": RUNGS[args.rung], "steps": args.steps, "token_px": args.token_px,
+              "pixel_scale": args.pixel_scale,
+              "overrides": args.overrides, "sample_steps": steps, "cfg_scale": cfg_scale,
+              "images_per_tag": 4 * args.prompts, "threads": torch.get_num_threads(), "points": []}
+    done = 0
+    previous = args.out / "ladder.json"
+    if previous.is_file():  # a run left with --stop-at (or killed) goes on from its last point
+        old = json.loads(previous.read_text())
+        same = all(old.get(k) == record[k] for k in ("rung", "steps", "token_px", "pixel_scale", "overrides", "cfg_scale"))
+        if not same:
+            raise CheersError(f"{previous} holds another run ({old.get('rung')}, {old.get('overrides')}): "
+                              "use another --out")
+        record["points"] = old["points"]
+        done = record["points"][-1]["step"] if record["points"] else 0
+    for point in args.points:
+        if point <= done:
+            continue
+        if args.stop_at is not None and point > args.stop_at:
+            break
+        t0 = time.perf_counter()
+        result = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=point)), task)
+        wall = time.perf_counter() - t0
+        ckpt = result.checkpoint or list_checkpoints(run_dir)[-1]  # None: the point was trained, not scored
+        _, weights = full_state_from_checkpoint(ckpt, ema=result.ema)
+        model = task.build_model(cfg.model)
+        model.init_weights()
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise CheersError(f"checkpoint {ckpt} does not fit {args.rung}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        t1 = time.perf_counter()
+        scores, samples = evaluate(model, cfg.model, tok, meta, n_images=4, steps=steps, cfg_scale=cfg_scale,
+                                   seed=args.seed + 1)
+        final = result.history[-1] if result.history else {}
+        row = {"step": result.step, "seconds_per_step": wall / max(result.step - done, 1),
+               "eval_seconds": time.perf_counter() - t1, "flow": final.get("flow"), "noise_per_image": True, **scores}
+        done = result.step
+        record["points"].append(row)
+        write_grid([s for s in samples if s[0]["tag"] != "two_object"][:12] +
+                   [s for s in samples if s[0]["tag"] == "two_object"][:4], args.out / f"grid-{result.step}.png")
+        (args.out / "ladder.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_curve(record["points"], args.out / "curve.png", f"{args.rung}: {RUNGS[args.rung]}")
+        print(json.dumps({"rung": args.rung, **{k: (round(v, 3) if isinstance(v, float) else v)
+                                                 for k, v in row.items()}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
