@@ -6,7 +6,7 @@ GenEval-style prompts.
 
 Every rung trains on text-to-image samples of one- and two-object scenes with the recipe of
 configs/shapes.yaml (the overrides change it), on the same shards, tokenizer and, for R4 / R5,
-the same pretrained semantic encoder and VAE (made once in ``--work``). At each point (default
+the pretrained semantic encoder and VAE the package ships (``cheers.shapes.parts``). At each point (default
 250, 500, 1000, 2000) it samples 4 images for each of ``--prompts`` held-out prompts per tag
 (colors, single_object, two_object: 128 images per tag by default) from the EMA weights and
 reports the GenEval tags, the share of images whose largest object has the prompt's colour
@@ -27,17 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from cheers.errors import CheersError
 
 TAGS = ("colors", "single_object", "two_object")
 
 
-def prepare_world(work: Path, n_samples: int, rung: str, seed: int) -> tuple[Path, Path, dict]:
-    """Shards, tokenizer and (R4 / R5) pretrained parts in ``work``, made once."""
+def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: Path | None = None
+                  ) -> tuple[Path, Path, dict]:
+    """Shards and tokenizer in ``work``, made once; for R4 / R5 the pretrained parts of
+    ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
     from cheers.demo import shapes_run_config, train_text_tokenizer
     from cheers.shapes.dataset import write_shards
+    from cheers.shapes.parts import PARTS_FILE, load_parts
 
     data, tok_dir = work / "data", work / "tokenizer"
     if not (data / "manifest.json").is_file():
@@ -48,26 +50,7 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int) -> tuple[Pat
         train_text_tokenizer([data], []).save(tok_dir)
     parts: dict = {}
     if rung in ("R4", "R5"):
-        parts_file = work / "parts.safetensors"
-        if not parts_file.is_file():
-            from cheers.shapes.autoencoder import train_vae
-            from cheers.shapes.semantic import train_semantic_encoder
-
-            model_cfg = shapes_run_config([]).model
-            print("pretraining the shapes VAE and semantic encoder", flush=True)
-            vae, vae_losses = train_vae(model_cfg.tokenizer.vae, 64, steps=1500, seconds=150.0, seed=seed)
-            enc, sem_losses, acc = train_semantic_encoder(model_cfg.tokenizer.siglip, None, 64, steps=3000,
-                                                          seconds=140.0, seed=seed)
-            tensors = {f"vae.{k}": v.contiguous() for k, v in vae.state_dict().items()}
-            tensors.update({f"siglip.{k}": v.contiguous() for k, v in enc.state_dict().items()})
-            save_file(tensors, str(parts_file))
-            (work / "parts.json").write_text(json.dumps({
-                "vae_steps": len(vae_losses), "vae_loss_end": float(np.mean(vae_losses[-10:])),
-                "semantic_steps": len(sem_losses), "semantic_loss_end": float(np.mean(sem_losses[-10:])),
-                "semantic_patch_accuracy": acc}, indent=1))
-        flat = load_file(str(parts_file))
-        for name in ("vae", "siglip"):
-            parts[name] = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
+        parts = load_parts(parts_file or PARTS_FILE, shapes_run_config([]).model.tokenizer)
     return data, tok_dir, parts
 
 
@@ -91,7 +74,7 @@ class RungTask:
 
 def sampling_batches(cfg, tok, meta: list[dict], n_images: int, batch: int):
     """(records, seeds, Batch of cond + null rows) chunks over every image to draw."""
-    from cheers.sequence import expand_placeholders, greedy_rows, null_prompt, pack
+    from cheers.sequence import expand_placeholders, null_prompt, pack
 
     jobs = [(i, m, k) for i, m in enumerate(meta) for k in range(n_images)]
     dummy = torch.zeros(3, cfg.tokenizer.image_size, cfg.tokenizer.image_size)
@@ -103,8 +86,8 @@ def sampling_batches(cfg, tok, meta: list[dict], n_images: int, batch: int):
                 ids, _ = tok.t2i_sample(m["prompt"])
                 seqs.append(expand_placeholders(null_prompt(ids, cfg) if null else ids, None, cfg,
                                                 [dummy], [True]))
-        rows = greedy_rows([len(s) for s in seqs], cfg.max_seq_len)
-        yield chunk, pack(seqs, cfg, rows=rows)
+        # one sequence per row: the batch's images stay in ``seqs`` order, which ``sample`` needs
+        yield chunk, pack(seqs, cfg)
 
 
 def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cfg_scale: float,
@@ -192,6 +175,8 @@ def parse_args(argv):
                     help="leave after the point at this step; run again with the same arguments to go on")
     ap.add_argument("--pixel-scale", type=float, default=1.0,
                     help="R0-R4: the pixel latent is scale * (2 p - 1) (p in [0, 1])")
+    ap.add_argument("--parts", type=Path, default=None,
+                    help="R4 / R5: pretrained VAE and semantic encoder (default: the package's)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml")
@@ -220,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed)
+    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed, args.parts)
     run_dir = args.out / "run"
     trainable = "['*', '!tokenizer.siglip']" if args.rung == "R4" else (
         "['*']" if args.rung != "R5" else None)
@@ -275,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                "eval_seconds": time.perf_counter() - t1, "flow": final.get("flow"), "noise_per_image": True, **scores}
         done = result.step
         record["points"].append(row)
-        write_grid([s for s in samples if s[0]["tag"] != "two_object"][:12] +
-                   [s for s in samples if s[0]["tag"] == "two_object"][:4], args.out / f"grid-{result.step}.png")
+        write_grid([s for tag in TAGS for s in samples if s[0]["tag"] == tag][::max(1, args.prompts // 4)][:12],
+                   args.out / f"grid-{result.step}.png")
         (args.out / "ladder.json").write_text(json.dumps(record, indent=1) + "\n")
         write_curve(record["points"], args.out / "curve.png", f"{args.rung}: {RUNGS[args.rung]}")
         print(json.dumps({"rung": args.rung, **{k: (round(v, 3) if isinstance(v, float) else v)

@@ -112,10 +112,6 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
          "the released model embeds t in [0, 1] as is"),
         ("tokenizer.latent_to_llm", cfg.tokenizer.latent_to_llm, reads_xt),
         ("head.latent_to_stage_b", cfg.head.latent_to_stage_b, reads_xt),
-        (f"head.stage_b_kind={cfg.head.stage_b_kind}", cfg.head.stage_b_kind != "dit",
-         "the released stage B is a DiT"),
-        ("head.prompt_condition", cfg.head.prompt_condition,
-         "the released head reads the prompt only through the image tokens"),
         ("tokenizer.vae.pooled_rgb_latent", cfg.tokenizer.vae.pooled_rgb_latent,
          "the released VAE's latent channels are all learned"),
     )

@@ -149,14 +149,6 @@ class FlowHeadConfig:
     # "official": stage-B RoPE positions are arange(N/2) repeated twice (the released model);
     # "raster": 0..N-1.
     stage_b_positions: Literal["official", "raster"] = "official"
-    # "conv": stage B is a one-level convolutional U-Net (flow_head/conv_stage.py) instead of the
-    # released DiT blocks: a locality prior that draws compact objects on a small budget
-    stage_b_kind: Literal["dit", "conv"] = "dit"
-    stage_b_conv_width: int | None = None  # channels of the conv stage B (None: the SigLIP width)
-    # Add a linear map of the prompt state (the LLM's final state at the <im_start> before the
-    # image, which has read the prompt and not the image) to both stages' time embedding.
-    # Not in the released head, whose stages read the prompt only through the image tokens
-    prompt_condition: bool = False
 
 
 @dataclass(kw_only=True)
@@ -318,7 +310,10 @@ def _flavour_shapes() -> ModelConfig:
 
     Where it departs from the released model, it is for a reason that holds at this size
     (evidence in benchmarks/RESULTS.md, "Shapes world"): ``transport.prediction="x1"``, since
-    direct velocity prediction leaves speckle; ``tokenizer.compressor_out_rms``, since image
+    direct velocity prediction leaves speckle; ``transport.loss_target="x1"`` with a small
+    ``x1_loss_t_min`` and training times shifted towards noise, since the prompt decides the
+    colour near the noise end, which the velocity loss and uniform times starve (the shapes
+    ladder); ``tokenizer.compressor_out_rms``, since image
     tokens trained from scratch otherwise grow until the prompt no longer moves them;
     ``head.time_scale``, so that t in [0, 1] spans the time frequencies; ``vae.pooled_rgb_latent``,
     so that a mix of latents decodes to a mix of colours, not another hue; ``latent_to_llm`` and
@@ -344,7 +339,8 @@ def _flavour_shapes() -> ModelConfig:
         head=FlowHeadConfig(stage_a_blocks=2, stage_a_heads=6, stage_a_kv_heads=2, stage_b_blocks=2,
                             stage_b_heads=4, stage_b_kv_heads=2, mlp_ratio=2, stage_b_positions="raster",
                             time_scale=1000.0, latent_to_stage_b=True),
-        transport=TransportConfig(prediction="x1", x1_loss_t_min=0.25, cfg_drop_rate=0.1, sample_steps=20, sample_shift=1.0,
+        transport=TransportConfig(prediction="x1", loss_target="x1", x1_loss_t_min=0.05, time_sampling="shifted",
+                                  train_shift=0.33, cfg_drop_rate=0.1, sample_steps=20, sample_shift=1.0,
                                   cfg_scale=3.0, official_last_step=False),
         tokens=SpecialTokens(pad=0, chat_start=1, eos=2, image=3, image_gen=4, im_start=5, im_end=6, no_mean=7),
         max_seq_len=256,

@@ -1,8 +1,8 @@
 """``cheers demo``: the shapes world end to end on a CPU, with no download.
 
-Writes the data (WebDataset shards), trains a byte-level BPE tokenizer, the tiny VAE and the
-tiny semantic encoder (then frozen), trains the whole Cheers model through the project's
-trainer, then generates images for held-out GenEval-style prompts and answers held-out
+Writes the data (WebDataset shards), trains a byte-level BPE tokenizer, starts from the tiny
+VAE and semantic encoder shipped in the package (``cheers.shapes.parts``; both stay frozen),
+trains the whole Cheers model through the project's trainer for a fixed number of steps, then generates images for held-out GenEval-style prompts and answers held-out
 MMBench-style questions, scores both with the shapes evaluator (GenEval rules, CircularEval),
 asks held-out open questions without options (``evaluate_open``), and writes a report folder:
 
@@ -114,15 +114,15 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
     return data, text_tokenizer_dir
 
 
-def build_init(out: Path, text_tokenizer_dir: Path, vae_seconds: float, semantic_seconds: float, seed: int, log,
+def build_init(out: Path, text_tokenizer_dir: Path, parts_file: Path, seed: int, log,
                overrides: list[str] = ()) -> Path:
-    """The starting model: the tiny VAE trained first (and copied into the pixel decoder), then
-    the tiny semantic encoder pretrained on dense labels (``cheers.shapes.semantic``). The model
-    is configs/shapes.yaml's with the run's ``model.*`` overrides, as the training run builds it."""
+    """The starting model: configs/shapes.yaml's with the run's ``model.*`` overrides (as the
+    training run builds it), with the pretrained VAE (copied into the pixel decoder) and semantic
+    encoder of ``parts_file`` (``cheers.shapes.parts``), or trained here for the same fixed
+    steps when that file is absent or does not fit the config."""
     from cheers.checkpoint import save_pretrained
     from cheers.model import CheersModel
-    from cheers.shapes.autoencoder import train_vae
-    from cheers.shapes.semantic import train_semantic_encoder
+    from cheers.shapes.parts import load_parts, read_parts_log, save_parts, train_parts
     from cheers.text_tokenizer import TextTokenizer
 
     init = out / "init"
@@ -132,22 +132,36 @@ def build_init(out: Path, text_tokenizer_dir: Path, vae_seconds: float, semantic
     tok = TextTokenizer.from_dir(text_tokenizer_dir)
     if tok.special != cfg.tokens or tok.vocab_size > cfg.llm.vocab_size:
         raise CheersError(f"tokenizer {text_tokenizer_dir} does not fit the shapes flavour")
-    vae, losses = train_vae(cfg.tokenizer.vae, cfg.tokenizer.image_size, seconds=vae_seconds, seed=seed, desc="vae")
-    log(f"vae: {len(losses)} steps, reconstruction loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-    encoder, sem_losses, acc = train_semantic_encoder(
-        cfg.tokenizer.siglip, None, cfg.tokenizer.image_size, seconds=semantic_seconds, seed=seed,
-        desc="semantic encoder")
-    log(f"semantic encoder: {len(sem_losses)} steps, loss {np.mean(sem_losses[:10]):.3f} -> "
-        f"{np.mean(sem_losses[-10:]):.3f}; patch accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    parts = None
+    if parts_file.is_file():
+        try:
+            parts = load_parts(parts_file, cfg.tokenizer)
+            source = parts_file
+        except CheersError as e:
+            log(f"pretrained parts do not fit this config ({e}): training them")
+    else:
+        log(f"no pretrained parts at {parts_file}: training them")
+    if parts is None:
+        parts, plog = train_parts(cfg.tokenizer, seed=seed)
+        source = out / "parts.safetensors"
+        save_parts(source, parts, plog)
+    plog = read_parts_log(source)
+    if plog:
+        acc = plog.get("semantic_patch_accuracy", {})
+        log(f"pretrained parts from {source}: VAE {plog.get('vae_steps')} steps (loss {plog.get('vae_loss_end', 0):.4f}), "
+            f"semantic encoder {plog.get('semantic_steps')} steps (patch accuracy "
+            + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()) + ")")
     torch.manual_seed(seed)
     model = CheersModel(cfg)
     model.init_weights()
-    model.tokenizer.vae.load_state_dict(vae.state_dict())
-    model.tokenizer.pixel_decoder.decoder.load_state_dict(vae.decoder.state_dict())
-    model.tokenizer.pixel_decoder.bn.load_state_dict(vae.bn.state_dict())
-    model.tokenizer.siglip.load_state_dict(encoder.state_dict())
+    vae = parts["vae"]
+    model.tokenizer.vae.load_state_dict(vae)
+    model.tokenizer.pixel_decoder.decoder.load_state_dict(
+        {k.removeprefix("decoder."): v for k, v in vae.items() if k.startswith("decoder.")})
+    model.tokenizer.pixel_decoder.bn.load_state_dict(
+        {k.removeprefix("bn."): v for k, v in vae.items() if k.startswith("bn.")})
+    model.tokenizer.siglip.load_state_dict(parts["siglip"])
     save_pretrained(model, init)
-    (init / "vae_losses.json").write_text(json.dumps(losses))
     return init
 
 
@@ -158,15 +172,20 @@ def shapes_run_config(overrides: list[str]):
     return run_config_from_dict(merge(load_yaml(CONFIG), parse_overrides(list(overrides))))
 
 
-def run_training(out: Path, data: Path, text_tokenizer_dir: Path, init: Path, seconds: float, overrides: list[str],
-                 device: str, log, name: str = "run"):
+def run_training(out: Path, data: Path, text_tokenizer_dir: Path, init: Path, overrides: list[str], device: str,
+                 log, *, steps: int, seconds: float | None = None, name: str = "run", seed: int = 0):
+    """One training run of ``steps`` optimiser steps (its schedule's length), ended early by
+    ``seconds`` of wall clock when given."""
     from cheers.train.trainer import train
 
     run_dir = out / name
     over = [f"data.shards=['{data}/*.tar']", f"data.text_tokenizer_dir={text_tokenizer_dir}", f"train.init_from={init}",
-            f"train.out_dir={run_dir}", f"train.device={device}", f"train.max_seconds={seconds:.0f}"]
+            f"train.out_dir={run_dir}", f"train.device={device}", f"train.steps={steps}", f"train.seed={seed}"]
+    if seconds is not None:
+        over.append(f"train.max_seconds={max(seconds, 1.0):.0f}")
     cfg = shapes_run_config(over + list(overrides))
-    log(f"training for {seconds / 60:.1f} min (at most {cfg.train.steps} steps) in {run_dir}")
+    budget = f", at most {seconds / 60:.1f} min" if seconds is not None else ""
+    log(f"training {steps} steps{budget} on {data.name} in {run_dir}")
     return train(cfg), run_dir
 
 
@@ -268,47 +287,33 @@ def write_grid(samples, path: Path, per_row: int = 4, cell: int = 96) -> None:
     grid.save(path)
 
 
-def write_loss_plot(history: list[dict], vae_losses: list[float], path: Path) -> None:
+def write_loss_plot(history: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
     for key in ("loss", "ce", "flow"):
         if history and key in history[0]:
-            axes[0].plot(steps, [h[key] for h in history], label=key)
-    axes[0].set_xlabel("step")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[0].set_title("Cheers training")
-    axes[1].plot(vae_losses)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("step")
-    axes[1].set_title("VAE reconstruction")
+            ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Cheers training")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-# the quality floors of the 15-minute CPU demo (the shapes-world issue): what proves the loop learns
-GENEVAL_FLOORS = {"overall": 0.2, "single_object": 0.45, "two_object": 0.15, "colors": 0.4}
-MMBENCH_FLOOR = 0.3
-
-
 def write_html(out: Path, metrics: dict) -> None:
-    def table_rows(scores: dict, floors: dict | None = None) -> str:
-        def floor(k: str, v: float) -> str:
-            if not floors or k not in floors:
-                return "<td></td>"
-            return f"<td>floor {floors[k]:.2f}: {'met' if v >= floors[k] else 'not met'}</td>"
-
-        return "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td>{floor(k, v)}</tr>" for k, v in scores.items())
+    def table_rows(scores: dict) -> str:
+        return "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in scores.items())
 
     m = metrics["mmbench"]
-    rows = table_rows(metrics["geneval"], GENEVAL_FLOORS)
-    mrows = table_rows(metrics["mmbench_detail"], {"Overall": MMBENCH_FLOOR})
+    rows = table_rows(metrics["geneval"])
+    mrows = table_rows(metrics["mmbench_detail"])
     orows = table_rows(metrics["open_questions"])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cheers shapes demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:2px 10px}}
@@ -325,67 +330,92 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
     (out / "index.html").write_text(page)
 
 
+# the default run's optimiser steps: the whole demo takes about 15 minutes on a 2-core CPU
+DEFAULT_STEPS = 1000
+
+
+def eta(seconds: float) -> str:
+    """``about N min (ends HH:MM)`` for ``seconds`` from now."""
+    return f"about {seconds / 60:.0f} min (ends {time.strftime('%H:%M', time.localtime(time.time() + seconds))})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cheers.shapes.parts import PARTS_FILE
+
     ap = OneLineParser(prog="cheers demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=output_folder, default=Path("outputs/shapes-demo"),
                     help="the run's folder (data, checkpoints, report)")
-    ap.add_argument("--minutes", type=number(0.0, low_open=True), default=15.0,
-                    help="wall-clock budget for the whole demo (> 0)")
+    ap.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                    help="optimiser steps of training: the same seed gives the same run on any machine")
+    ap.add_argument("--minutes", type=number(0.0, low_open=True), default=None,
+                    help="a wall-clock budget for the whole demo instead: training stops when the rest "
+                         "would overrun it, and the data and evaluation shrink with it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--samples", type=positive_int, default=30000, help="training samples to write")
     ap.add_argument("--eval-prompts", type=positive_int, default=16, help="GenEval prompts per tag")
     ap.add_argument("--eval-questions", type=positive_int, default=100, help="MMBench questions (before rotations)")
     ap.add_argument("--curriculum", type=number(0.0, 1.0, high_open=True), default=0.35,
-                    help="fraction of the training time spent on one- and two-object scenes first (0: none)")
-    ap.add_argument("--curriculum-t2i-only", action="store_true",
-                    help="the curriculum's first run trains text-to-image alone (better first images, weaker "
-                         "answers: benchmarks/RESULTS.md, Shapes world)")
+                    help="fraction of the training steps spent on one- and two-object scenes first (0: none)")
     ap.add_argument("--i2t-turns", type=positive_int, default=3,
                     help="questions per understanding sample: every answer is a training target for the cost "
                          "of one image through the vision tokenizer")
-    ap.add_argument("--mcq-answer", choices=("option", "letter"), default="option",
-                    help="how understanding samples answer multiple-choice questions: with the option's text "
-                         "(MMBench's rule-based extraction reads the letter back from it) or with the letter")
+    ap.add_argument("--parts", type=Path, default=PARTS_FILE,
+                    help="pretrained VAE and semantic encoder (python -m cheers.shapes.parts); trained here "
+                         "when absent")
     ap.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-cache", action="store_true", help="do not copy the checkpoint to the default location")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml (train.lr=...)")
     args = ap.parse_args(argv)
     shapes_run_config(args.overrides)  # a bad override is refused before any work
     from cheers.pipeline import Pipeline, default_checkpoint
+    from cheers.train.checkpoint import export
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = Budget(args.minutes)
+    budget = Budget(args.minutes) if args.minutes is not None else None
+    start = time.monotonic()
+    share = 1.0 if budget is None else min(1.0, args.minutes / 15.0)  # data and evaluation shrink with a short budget
+    samples = max(200, int(args.samples * share))
+    eval_prompts = max(1, round(args.eval_prompts * share))
+    eval_questions = max(4, round(args.eval_questions * share))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
 
     def log(msg: str) -> None:
-        lines.append(f"[{budget.elapsed() / 60:5.1f} min] {msg}")
+        lines.append(f"[{(time.monotonic() - start) / 60:5.1f} min] {msg}")
         tqdm.write(lines[-1])
 
-    data, text_tokenizer_dir = prepare(out, args.samples, args.seed, log, args.i2t_turns, args.mcq_answer)
-    # the semantic encoder gets 15% (3,000 steps at 15 minutes; patch shape accuracy 0.49,
-    # against 0.34 after the 1,000 steps of 5%)
-    init = build_init(out, text_tokenizer_dir, vae_seconds=0.16 * budget.total, semantic_seconds=0.15 * budget.total,
-                      seed=args.seed, log=log, overrides=args.overrides)
-    eval_reserve = min(0.12 * budget.total, 120.0)  # evaluation takes about a minute on a CPU
-    from cheers.train.checkpoint import export
+    data, text_tokenizer_dir = prepare(out, samples, args.seed, log, args.i2t_turns, "option")
+    init = build_init(out, text_tokenizer_dir, args.parts, seed=args.seed, log=log, overrides=args.overrides)
+    # evaluation takes about a tenth of the default demo on a CPU
+    eval_reserve = None if budget is None else 0.1 * budget.total + 10.0
 
-    seconds = max(60.0, budget.left() - eval_reserve)
+    def seconds_left() -> float | None:
+        return None if budget is None else budget.left() - eval_reserve
+
+    first_steps = round(args.curriculum * args.steps) if args.steps > 1 else 0
     history: list[dict] = []
     offset = 0  # optimiser steps of the curriculum's first run
-    if args.curriculum > 0:  # simple scenes first, then everything
-        only_t2i = ["data.ratios={t2i: 1.0, i2t: 0.0, text: 0.0}"] if args.curriculum_t2i_only else []
-        first, _ = run_training(out, out / "data-easy", text_tokenizer_dir, init, args.curriculum * seconds,
-                                [*only_t2i, *args.overrides], args.device, log, name="run-easy")
+    if first_steps:  # simple scenes first, then everything
+        left = seconds_left()
+        t0 = time.monotonic()
+        first, _ = run_training(out, out / "data-easy", text_tokenizer_dir, init, args.overrides, args.device, log,
+                                steps=first_steps, seconds=None if left is None else args.curriculum * left,
+                                name="run-easy", seed=args.seed)
+        per_step = (time.monotonic() - t0) / max(first.step, 1)
         init = out / "init-easy"
         export(first.checkpoint, init, ema=first.ema)  # the averaged weights sample better
         history += first.history
         offset = first.step
-        seconds = max(60.0, budget.left() - eval_reserve)
-    result, run_dir = run_training(out, data, text_tokenizer_dir, init, seconds, args.overrides, args.device, log)
+        rest = (args.steps - first_steps) * per_step
+        if budget is not None:
+            rest = min(rest, max(seconds_left(), 0.0))
+        log(f"{per_step:.2f} s a step; the demo ends in {eta(rest * 1.12 + 60)}")
+    result, run_dir = run_training(out, data, text_tokenizer_dir, init, args.overrides, args.device, log,
+                                   steps=args.steps - first_steps, seconds=seconds_left(), seed=args.seed)
+    log(f"trained {offset + result.step} steps; evaluating")
     history += [{**h, "step": h["step"] + offset} for h in result.history]
     result.history = history
     result.step += offset
@@ -395,12 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(text_tokenizer_dir / "tokenizer.json", ckpt / "tokenizer.json")
     pipe = Pipeline.from_pretrained(ckpt, device=args.device)
     tc = pipe.cfg.transport
-    gen = evaluate_geneval(pipe, out, args.eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, log)
-    mmb = evaluate_mmbench(pipe, out, args.eval_questions, args.seed + 1, log)
-    opened = evaluate_open(pipe, out, args.eval_questions, args.seed + 1, log)
+    gen = evaluate_geneval(pipe, out, eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, log)
+    mmb = evaluate_mmbench(pipe, out, eval_questions, args.seed + 1, log)
+    opened = evaluate_open(pipe, out, eval_questions, args.seed + 1, log)
 
     scores = gen["scores"]
     tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+    wall = (time.monotonic() - start) / 60
     metrics = {
         "geneval": {"overall": scores["overall"], **{t: scores.get(t, 0.0) for t in tags}},
         "mmbench": {"overall": mmb["acc"].get("Overall", 0.0)},
@@ -408,14 +439,16 @@ def main(argv: list[str] | None = None) -> int:
         "open_questions": opened,
         "train": {"steps": result.step, "final": result.history[-1] if result.history else {},
                   "skipped_samples": result.skipped},
-        "wall_minutes": budget.elapsed() / 60,
+        "seed": args.seed,
+        "wall_minutes": wall,
     }
     metrics["summary"] = (f"{result.step} training steps; GenEval overall {scores['overall']:.3f}; "
-                          f"MMBench CircularEval {metrics['mmbench']['overall']:.3f}; "
-                          f"{metrics['wall_minutes']:.1f} minutes in all.")
-    write_grid(gen["samples"], out / "grid.png")
-    vae_losses = json.loads((out / "init" / "vae_losses.json").read_text())
-    write_loss_plot(result.history, vae_losses, out / "loss.png")
+                          f"MMBench CircularEval {metrics['mmbench']['overall']:.3f}; {wall:.1f} minutes in all.")
+    by_tag: dict[str, list] = {}
+    for sample in gen["samples"]:
+        by_tag.setdefault(sample[0]["tag"], []).append(sample)
+    write_grid([s for group in by_tag.values() for s in group[:4]], out / "grid.png")  # 4 prompts per tag
+    write_loss_plot(result.history, out / "loss.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_html(out, metrics)
     (out / "log.txt").write_text("\n".join(lines) + "\n")

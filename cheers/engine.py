@@ -152,7 +152,7 @@ class Engine:
                                          mask=build_dense_mask(doc, block, q_len=n), cache=cache)
         cache.crop(p)  # drop the image block: the next step recomputes it
         tt = t.expand(rows) if torch.is_tensor(t) else torch.full((rows,), t, device=xt.device)
-        v = model.velocity(hidden, tt, xt.repeat(reps, 1, 1, 1), patch_embeds, prefix.last_hidden[:rows])
+        v = model.velocity(hidden, tt, xt.repeat(reps, 1, 1, 1), patch_embeds)
         if reps == 1:
             return v
         v_cond, v_uncond = v[:b], v[b:]

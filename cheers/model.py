@@ -47,9 +47,8 @@ class CheersModel(nn.Module):
         return self.tokenizer(xt)
 
     def velocity(self, hidden: torch.Tensor, t: torch.Tensor, xt: torch.Tensor,
-                 patch_embeds: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm]
-        (and, with ``head.prompt_condition``, the prompt state [I, D_llm] at each ``<im_start>``).
+                 patch_embeds: torch.Tensor) -> torch.Tensor:
+        """Predicted velocity [I, C, G, G] from image-token states hidden [I, N, D_llm].
 
         With ``transport.prediction == "x1"`` the head predicts the clean latent and the
         velocity is ``(x1 - xt) / max(1 - t, x1_loss_t_min)``, in training and in sampling
@@ -57,7 +56,7 @@ class CheersModel(nn.Module):
         rather than x1, and reading it as x1 there would scale the last velocities by up to
         ``t_min / (1 - t)``. The released model predicts the velocity.
         """
-        out = self.head(hidden, t, patch_embeds, xt, prompt)  # [I, G*G, C]
+        out = self.head(hidden, t, patch_embeds, xt)  # [I, G*G, C]
         g = self.cfg.latent_grid
         out = rearrange(out, "i (h w) c -> i c h w", h=g, w=g)
         if self.cfg.transport.prediction == "x1":
@@ -131,8 +130,7 @@ class CheersModel(nn.Module):
             # [len(gen_idx), n, D]: each generation image's states in slot order; the velocity is
             # read at the slots themselves
             h_img = hidden.new_empty(len(gen_idx), n, hidden.shape[-1]).index_put(at, hidden[sel])
-            prompt = self.prompt_states(batch, hidden, gen_idx) if self.cfg.head.prompt_condition else None
-            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx], prompt)
+            v_pred = self.velocity(h_img, t[gen_idx], xt[gen_idx], patch_embeds[gen_idx])
             tc = self.cfg.transport
             flow = transport.flow_loss(v_pred, x1[gen_idx], x0[gen_idx], target=tc.loss_target,
                                        t=t[gen_idx], t_min=tc.x1_loss_t_min)
@@ -148,20 +146,6 @@ class CheersModel(nn.Module):
         if return_outputs:
             out.update(hidden=hidden, v_pred=v_pred)
         return out
-
-    def prompt_states(self, batch: Batch, hidden: torch.Tensor, gen_idx: torch.Tensor) -> torch.Tensor:
-        """The state [len(gen_idx), D] of the ``<im_start>`` just before each generation image's
-        first slot: causal, so it has read the prompt and nothing of the image."""
-        first = torch.isin(batch.image_index, gen_idx) & (batch.image_slot == 0)
-        rows, cols = first.nonzero(as_tuple=True)
-        order = torch.argsort(batch.image_index[rows, cols])  # in gen_idx order
-        rows, before = rows[order], cols[order] - 1
-        bad = (before < 0) | (batch.input_ids[rows, before.clamp_min(0)] != self.cfg.tokens.im_start)
-        if bad.any():
-            image = int(gen_idx[bad.nonzero()[0, 0]])
-            raise InputError(f"generation image {image} does not follow an <im_start> token "
-                             f"(id {self.cfg.tokens.im_start}): head.prompt_condition reads the state there")
-        return hidden[rows, before]
 
     # Every trainable part runs exactly once per training forward, in the same order
     # (vision tokenizer -> LLM -> head), whatever the micro-batch holds: FSDP issues one
@@ -183,5 +167,4 @@ class CheersModel(nn.Module):
         xt = self._zero_latent(device)
         hidden = xt.new_zeros(1, cfg.tokens_per_image, cfg.llm.hidden_size)
         detail = xt.new_zeros(1, cfg.latent_grid**2, cfg.tokenizer.siglip.hidden_size)
-        prompt = xt.new_zeros(1, cfg.llm.hidden_size)
-        return self.head(hidden, torch.ones(1, device=device), detail, xt, prompt).sum() * 0.0
+        return self.head(hidden, torch.ones(1, device=device), detail, xt).sum() * 0.0

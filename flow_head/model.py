@@ -7,8 +7,6 @@ The head predicts only; time sampling, targets and sampling live in ``transport.
       -> gate: Z' = LN(Z + g(Z) * S)          (S: SigLIP patch embeddings of the pixel-decoded xt)
       (``latent_to_stage_b``: Z' += a linear map of xt at each latent cell, C_latent -> D_sig)
       -> stage B (DiT, width D_sig)           -> [B, 4N, C_latent] (velocity per latent cell)
-    (``stage_b_kind="conv"``: stage B is a conv U-Net over the latent grid, ``conv_stage.py``)
-    (``prompt_condition``: both stages' time embedding += a linear map of the prompt state)
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from torch import nn
 
 from cheers.config import ModelConfig
 from cheers.errors import InputError
-from cheers.flow_head.conv_stage import ConvStage
 from cheers.flow_head.dit import DiTStage
 from cheers.flow_head.transport import timestep_frequencies
 from cheers.weight_init import normal_linears_
@@ -85,16 +82,10 @@ class CascadedFlowHead(nn.Module):
                                 mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
         self.gate = DetailGate(d_sig, hc.gate_ln_eps)
         c_latent = cfg.tokenizer.vae.latent_channels
-        if hc.stage_b_kind == "conv":
-            self.stage_b = ConvStage(dim_in=d_sig, width=hc.stage_b_conv_width or d_sig, out_dim=c_latent,
-                                     blocks_per_level=hc.stage_b_blocks, cond_dim=d_sig)
-        else:
-            self.stage_b = DiTStage(dim=d_sig, out_dim=c_latent, depth=hc.stage_b_blocks,
-                                    heads=hc.stage_b_heads, kv_heads=hc.stage_b_kv_heads,
-                                    mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
+        self.stage_b = DiTStage(dim=d_sig, out_dim=c_latent, depth=hc.stage_b_blocks,
+                                heads=hc.stage_b_heads, kv_heads=hc.stage_b_kv_heads,
+                                mlp_ratio=hc.mlp_ratio, eps=hc.norm_eps, rope_theta=hc.rope_theta)
         self.latent_in = nn.Linear(c_latent, d_sig) if hc.latent_to_stage_b else None
-        # prompt state [B, D_llm] -> additions to the time embeddings of stage A and stage B
-        self.prompt_in = nn.Linear(d_llm, d_llm + d_sig) if hc.prompt_condition else None
 
     def positions_b(self, n: int, device) -> torch.Tensor:
         if self.stage_b_positions == "official":
@@ -103,23 +94,16 @@ class CascadedFlowHead(nn.Module):
         return torch.arange(n, device=device)
 
     def forward(self, hidden: torch.Tensor, t: torch.Tensor, detail: torch.Tensor,
-                xt: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
-                return_intermediates: bool = False):
+                xt: torch.Tensor | None = None, return_intermediates: bool = False):
         """Predict the head output per latent cell.
 
         hidden [B, N, D_llm] image-token states (raster over the N = (G/2)^2 LLM grid),
         t [B] in [0, 1], detail [B, G*G, D_sig] SigLIP patch embeddings of the decoded xt,
-        xt [B, C_latent, G, G] (read only with ``latent_to_stage_b``),
-        prompt [B, D_llm] the LLM state at the image's ``<im_start>`` (read only with ``prompt_condition``).
+        xt [B, C_latent, G, G] (read only with ``latent_to_stage_b``).
         Returns [B, G*G, C_latent] (raster, channels last).
         """
         g2 = self.grid // 2
         temb_a, temb_b = self.time_embed(t)
-        if self.prompt_in is not None:
-            if prompt is None:
-                raise InputError("head.prompt_condition is on: the head needs the prompt state")
-            add_a, add_b = self.prompt_in(prompt.to(temb_a.dtype)).split([temb_a.shape[-1], temb_b.shape[-1]], -1)
-            temb_a, temb_b = temb_a + add_a[:, None], temb_b + add_b[:, None]
         a_out = self.stage_a(hidden, temb_a, torch.arange(hidden.shape[1], device=hidden.device))
         # each LLM token (gi, gj) carries a 2x2 block of SigLIP cells laid out [py][px][D]
         low = rearrange(a_out, "b (gi gj) (py px d) -> b (gi py gj px) d", gi=g2, py=2, px=2)
@@ -128,27 +112,19 @@ class CascadedFlowHead(nn.Module):
             if xt is None:
                 raise InputError("head.latent_to_stage_b is on: the head needs xt")
             gated = gated + self.latent_in(rearrange(xt, "b c h w -> b (h w) c").to(gated.dtype))
-        if isinstance(self.stage_b, ConvStage):
-            out = self.stage_b(gated, temb_b[:, 0], self.grid)
-        else:
-            out = self.stage_b(gated, temb_b, self.positions_b(gated.shape[1], gated.device))
+        out = self.stage_b(gated, temb_b, self.positions_b(gated.shape[1], gated.device))
         if return_intermediates:
             return out, {"stage_a": a_out, "gate": gated, "temb_a": temb_a, "temb_b": temb_b}
         return out
 
     def fsdp_units(self) -> list[nn.Module]:
-        if isinstance(self.stage_b, ConvStage):  # small: it stays with the root
-            return [*self.stage_a.blocks]
         return [*self.stage_a.blocks, *self.stage_b.blocks]
 
     def init_weights(self, std: float = 0.02) -> None:
         normal_linears_(self.time_embed.mlp_a, self.time_embed.mlp_b, std=std)
         # stage A feeds stage B: a zero output there would starve stage B of any signal
         self.stage_a.init_weights(std, zero_output=False)
-        if isinstance(self.stage_b, ConvStage):
-            self.stage_b.init_weights()
-        else:
-            self.stage_b.init_weights(std)
+        self.stage_b.init_weights(std)
         self.gate.init_weights(std)
-        normal_linears_(self.latent_in, self.prompt_in, std=std)
+        normal_linears_(self.latent_in, std=std)
 

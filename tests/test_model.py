@@ -269,13 +269,12 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
             config_to_official(one_on)
 
 
-@pytest.mark.parametrize("variant", ["released", "latent_paths", "conv_prompt"])
+@pytest.mark.parametrize("variant", ["released", "latent_paths"])
 def test_training_forward_reads_the_model_as_the_sampler_does(variant, fill_zero_layers):
     """The flow loss's velocity for a text-to-image sample packed behind two other samples
     equals the sampler's velocity for the same prompt, latent and t (also with the shapes
     world's direct paths from xt, ``tokenizer.latent_to_llm`` and ``head.latent_to_stage_b``,
-    and its clean-latent prediction, ``transport.prediction="x1"``; and with its conv stage B and prompt state,
-    ``head.stage_b_kind="conv"`` and ``head.prompt_condition``)."""
+    and its clean-latent prediction, ``transport.prediction="x1"``)."""
     import dataclasses
 
     from cheers.engine import Engine
@@ -283,11 +282,8 @@ def test_training_forward_reads_the_model_as_the_sampler_does(variant, fill_zero
 
     base = flavour("debug")
     latent_paths = variant != "released"
-    conv_prompt = variant == "conv_prompt"
     cfg = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, latent_to_llm=latent_paths),
-                              head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths,
-                                                       stage_b_kind="conv" if conv_prompt else "dit",
-                                                       prompt_condition=conv_prompt),
+                              head=dataclasses.replace(base.head, latent_to_stage_b=latent_paths),
                               transport=dataclasses.replace(base.transport,
                                                             prediction="x1" if latent_paths else "velocity"))
     torch.manual_seed(0)
@@ -308,60 +304,3 @@ def test_training_forward_reads_the_model_as_the_sampler_does(variant, fill_zero
         engine = Engine(model)
         v_sample = engine.image_velocity(engine.prefill([prompt], [[]]), xt, 0.35, cfg_scale=1.0)
     torch.testing.assert_close(v_train, v_sample, atol=1e-5, rtol=1e-5)
-    if conv_prompt:  # the prompt state is read at the <im_start> before the image, or nowhere
-        start = (batch.image_index[0] == 1).nonzero()[0, 0] - 1
-        batch.input_ids[0, start] = cfg.tokens.pad
-        with pytest.raises(InputError, match="generation image 1 does not follow an <im_start>"):
-            model(batch)
-
-
-def test_conv_stage_b_and_prompt_condition(fill_zero_layers):
-    """``head.stage_b_kind="conv"`` replaces stage B's DiT blocks with a conv U-Net that reads
-    grid neighbours (a change at one cell moves its neighbourhood, the far corner of a 16x16 grid
-    only through the GroupNorm statistics); ``head.prompt_condition`` makes the head's output depend on the prompt state,
-    which it then requires. Neither has a place in the official layout."""
-    import dataclasses
-
-    from cheers.checkpoint import config_to_official
-    from cheers.errors import CheckpointError
-    from cheers.flow_head.conv_stage import ConvStage
-
-    torch.manual_seed(0)
-    stage = ConvStage(dim_in=4, width=8, out_dim=2, blocks_per_level=1, cond_dim=6)
-    stage.init_weights()
-    x, cond = torch.randn(2, 256, 4), torch.randn(2, 6)
-    with torch.no_grad():
-        assert stage(x, cond, 16).abs().max() == 0  # zero-initialised output
-        fill_zero_layers(stage)
-        out = stage(x, cond, 16)
-        moved = x.clone()
-        moved[:, 0] += 1.0  # cell (0, 0)
-        diff = (stage(moved, cond, 16) - out).abs().amax(dim=(0, 2)).reshape(16, 16)
-        # the convolutions reach the neighbourhood; the far corner only feels the GroupNorm statistics
-        assert diff[15, 15] < 0.05 * min(diff[0, 0], diff[1, 1], diff[0, 2])
-        assert (stage(x, cond + 1.0, 16) - out).abs().max() > 1e-4  # the condition modulates
-    with pytest.raises(InputError, match="even square grid, got 9 tokens"):
-        stage(torch.randn(1, 9, 4), cond[:1], 3)
-
-    base = flavour("debug")
-    cfg = dataclasses.replace(base, head=dataclasses.replace(base.head, stage_b_kind="conv", prompt_condition=True))
-    model = CheersModel(cfg).eval()
-    model.init_weights()
-    fill_zero_layers(model)
-    assert isinstance(model.head.stage_b, ConvStage)
-    assert model.head.stage_b.conv_in.out_channels == cfg.tokenizer.siglip.hidden_size  # the default width
-    narrow = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, stage_b_conv_width=8))
-    assert CheersModel(narrow).head.stage_b.conv_in.out_channels == 8
-    g, n = cfg.latent_grid, cfg.tokens_per_image
-    hidden, t = torch.randn(2, n, cfg.llm.hidden_size), torch.tensor([0.3, 0.7])
-    patch = torch.randn(2, g * g, cfg.tokenizer.siglip.hidden_size)
-    prompt = torch.randn(2, cfg.llm.hidden_size)
-    with torch.no_grad():
-        out = model.head(hidden, t, patch, prompt=prompt)
-        assert out.shape == (2, g * g, cfg.tokenizer.vae.latent_channels)
-        assert (model.head(hidden, t, patch, prompt=prompt + 1.0) - out).abs().max() > 1e-4
-    with pytest.raises(InputError, match="needs the prompt state"):
-        model.head(hidden, t, patch)
-    for option in ({"stage_b_kind": "conv"}, {"prompt_condition": True}):
-        with pytest.raises(CheckpointError, match=next(iter(option))):
-            config_to_official(dataclasses.replace(base, head=dataclasses.replace(base.head, **option)))

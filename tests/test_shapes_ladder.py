@@ -111,3 +111,42 @@ def test_harness_runs_r0_two_steps_and_writes_json(tmp_path):
     assert len(json.loads((out / "ladder.json").read_text())["points"]) == 2
     other = subprocess.run([*cmd, "train.lr=1e-4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert other.returncode != 0 and "holds another run" in other.stderr
+    _sampling_batch_keeps_prompt_order(tmp_path / "work" / "tokenizer", record)
+    # the colour probe reads the run's checkpoint
+    probe = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shapes_colour_probe.py"), "--run", str(out),
+                            "--step", "2", "--scenes", "3", "--times", "0", "0.5", "--work", str(tmp_path / "work"),
+                            "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    rows = json.loads((out / "colour_probe-2.json").read_text())["rows"]
+    assert [r["t"] for r in rows] == [0.0, 0.5]
+    for row in rows:
+        for key in ("true_prompt/cond/follows_prompt", "wrong_prompt/cfg/follows_image"):
+            assert 0.0 <= row[key] <= 1.0
+
+
+def _sampling_batch_keeps_prompt_order(tok_dir: Path, record: dict):
+    """``sample`` reads the first half of a sampling batch's images as the prompts in order and
+    the second half as their null prompts: the batch must keep that order, whatever the lengths."""
+    import importlib.util
+
+    from cheers.shapes.ladder import prompt_mask
+    from cheers.text_tokenizer import TextTokenizer
+
+    spec = importlib.util.spec_from_file_location("shapes_ladder", ROOT / "benchmarks" / "shapes_ladder.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    cfg = rung_config(flavour("shapes"), "R0")
+    tok = TextTokenizer.from_dir(tok_dir)
+    prompts = ["a photo of a red circle", "a photo of two blue squares and a green triangle",
+               "a photo of a yellow star", "a photo of a purple heart and an orange cross"]
+    meta = [{"prompt": p} for p in prompts]
+    (chunk, batch), = harness.sampling_batches(cfg, tok, meta, 2, 64)
+    rows, mask = prompt_mask(batch)
+    got = [batch.input_ids[r][m].tolist() for r, m in zip(rows, mask)]
+    want = []
+    for null in (False, True):
+        for _i, m, _k in chunk:
+            ids, _ = tok.t2i_sample(m["prompt"])
+            ids = null_prompt(ids, cfg) if null else ids
+            want.append(ids[:len(got[len(want)])])
+    assert got == want

@@ -312,10 +312,7 @@ class CheersRung(CheersModel):
         mask = build_dense_mask(batch.doc_ids, batch.block_ids)
         hidden = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask)
         h_img = image_states(batch, hidden, self.cfg.tokens_per_image)
-        prompt = None
-        if self.cfg.head.prompt_condition:
-            prompt = self.prompt_states(batch, hidden, torch.arange(batch.num_images, device=xt.device))
-        return self.velocity(h_img, t, xt, patch_embeds, prompt)
+        return self.velocity(h_img, t, xt, patch_embeds)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(latent)
