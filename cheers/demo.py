@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     def seconds_left() -> float | None:
         return None if budget is None else budget.left() - eval_reserve
 
-    first_steps = round(args.curriculum * args.steps) if args.steps > 1 else 0
+    first_steps = min(round(args.curriculum * args.steps), args.steps - 1)  # the second run gets at least one
     history: list[dict] = []
     offset = 0  # optimiser steps of the curriculum's first run
     if first_steps:  # simple scenes first, then everything
