@@ -87,7 +87,6 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
 
     data, easy = out / "data", out / "data-easy"
     wanted = {"i2t_turns": i2t_turns, "mcq_answer": mcq_answer}
-    flags = {"i2t_turns": "--i2t-turns", "mcq_answer": "--mcq-answer"}
     # all scenes; then one- and two-object scenes, the curriculum's start
     for folder, n, kinds, offset in ((data, n_train, None, 0), (easy, n_train // 3, ("single", "two"), 50)):
         manifest = folder / "manifest.json"
@@ -100,9 +99,12 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 1,
         for key, value in wanted.items():
             # shards written before an option existed hold its default
             was = written.get(key, {"i2t_turns": 1, "mcq_answer": "letter"}[key])
+            if was != value and key == "i2t_turns":
+                raise CheersError(f"{folder} holds shards written with --i2t-turns {was}, not {value}: "
+                                  f"use another --out, or --i2t-turns {was}")
             if was != value:
-                raise CheersError(f"{folder} holds shards written with {flags[key]} {was}, not {value}: "
-                                  f"use another --out, or {flags[key]} {was}")
+                raise CheersError(f"{folder} holds shards whose multiple-choice answers are the {was}, not the "
+                                  f"{value}: use another --out")
     text_tokenizer_dir = out / "tokenizer"
     if not (text_tokenizer_dir / "tokenizer.json").is_file():
         from cheers.shapes.dataset import mmbench_rows
@@ -331,7 +333,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
     (out / "index.html").write_text(page)
 
 
-# the default run's optimiser steps: the whole demo takes about 15 minutes on a 2-core CPU
+# the default run's optimiser steps, chosen so that the whole demo fits well inside 20 minutes on 2 CPU cores
 DEFAULT_STEPS = 1000
 
 

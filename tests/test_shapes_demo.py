@@ -206,7 +206,7 @@ def test_demo_refuses_shards_written_with_other_options(tmp_path):
     with pytest.raises(CheersError, match="written with --i2t-turns 1, not 3"):
         prepare(tmp_path, 4, 0, print, i2t_turns=3)
     # write_shards answers with the letter by default; the demo asked for option text
-    with pytest.raises(CheersError, match="written with --mcq-answer letter, not option"):
+    with pytest.raises(CheersError, match="multiple-choice answers are the letter, not the option"):
         prepare(tmp_path, 4, 0, print, i2t_turns=1, mcq_answer="option")
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ckpt = args.ckpt or default_checkpoint()
     if not ckpt.is_dir():
-        hint = (" Run `cheers demo` to train the shapes-world model (CPU, about 15 minutes), or "
+        hint = (" Run `cheers demo` to train the shapes-world model (CPU, about 8 minutes), or "
                 "`cheers debug-checkpoint` for a random tiny one, and pass it with --ckpt.") if args.ckpt is None else ""
         raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
