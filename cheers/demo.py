@@ -42,9 +42,6 @@ class Budget:
     def left(self) -> float:
         return self.total - (time.monotonic() - self.start)
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
 
 def _corpus(shard_dir: Path) -> list[str]:
     """Every caption and conversation turn in the shards of ``shard_dir``, read with the
@@ -125,7 +122,13 @@ def build_init(out: Path, text_tokenizer_dir: Path, parts_file: Path, seed: int,
     steps when that file is absent or does not fit the config."""
     from cheers.checkpoint import save_pretrained
     from cheers.model import CheersModel
-    from cheers.shapes.parts import load_parts, read_parts_log, save_parts, train_parts
+    from cheers.shapes.parts import (
+        install_parts,
+        load_parts,
+        read_parts_log,
+        save_parts,
+        train_parts,
+    )
     from cheers.text_tokenizer import TextTokenizer
 
     init = out / "init"
@@ -138,8 +141,7 @@ def build_init(out: Path, text_tokenizer_dir: Path, parts_file: Path, seed: int,
     parts = None
     if parts_file.is_file():
         try:
-            parts = load_parts(parts_file, cfg.tokenizer)
-            source = parts_file
+            parts, plog, source = load_parts(parts_file, cfg.tokenizer), read_parts_log(parts_file), parts_file
         except CheersError as e:
             log(f"pretrained parts do not fit this config ({e}): training them")
     else:
@@ -148,7 +150,6 @@ def build_init(out: Path, text_tokenizer_dir: Path, parts_file: Path, seed: int,
         parts, plog = train_parts(cfg.tokenizer, seed=seed)
         source = out / "parts.safetensors"
         save_parts(source, parts, plog)
-    plog = read_parts_log(source)
     if plog:
         acc = plog.get("semantic_patch_accuracy", {})
         log(f"pretrained parts from {source}: VAE {plog.get('vae_steps')} steps (loss {plog.get('vae_loss_end', 0):.4f}), "
@@ -157,13 +158,7 @@ def build_init(out: Path, text_tokenizer_dir: Path, parts_file: Path, seed: int,
     torch.manual_seed(seed)
     model = CheersModel(cfg)
     model.init_weights()
-    vae = parts["vae"]
-    model.tokenizer.vae.load_state_dict(vae)
-    model.tokenizer.pixel_decoder.decoder.load_state_dict(
-        {k.removeprefix("decoder."): v for k, v in vae.items() if k.startswith("decoder.")})
-    model.tokenizer.pixel_decoder.bn.load_state_dict(
-        {k.removeprefix("bn."): v for k, v in vae.items() if k.startswith("bn.")})
-    model.tokenizer.siglip.load_state_dict(parts["siglip"])
+    install_parts(model.tokenizer, parts, source=str(source))
     save_pretrained(model, init)
     return init
 

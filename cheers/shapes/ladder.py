@@ -36,6 +36,7 @@ from cheers.llm import LLM
 from cheers.losses import linear_cross_entropy
 from cheers.model import CheersModel
 from cheers.sequence import IGNORE, Batch
+from cheers.shapes.parts import install_parts
 from cheers.weight_init import normal_linears_
 
 RUNGS = {
@@ -297,14 +298,7 @@ class CheersRung(CheersModel):
 
     def init_weights(self) -> None:
         super().init_weights()
-        self.tokenizer.siglip.load_state_dict(self._parts["siglip"])
-        if self.rung == "R5":
-            vae = self._parts["vae"]
-            self.tokenizer.vae.load_state_dict(vae)
-            self.tokenizer.pixel_decoder.decoder.load_state_dict(
-                {k.removeprefix("decoder."): v for k, v in vae.items() if k.startswith("decoder.")})
-            self.tokenizer.pixel_decoder.bn.load_state_dict(
-                {k.removeprefix("bn."): v for k, v in vae.items() if k.startswith("bn.")})
+        install_parts(self.tokenizer, self._parts, source="the rung's pretrained parts", vae=self.rung == "R5")
 
     def velocity_at(self, batch: Batch, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens, patch_embeds = self.image_tokens(xt)

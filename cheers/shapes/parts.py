@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from cheers.config import TokenizerConfig
 from cheers.errors import CheersError
+from cheers.safetensors_io import load_checked
 
 PARTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "shapes_parts.safetensors"
 VAE_STEPS = 3000
@@ -88,6 +90,18 @@ def load_parts(path: Path, cfg: TokenizerConfig) -> dict[str, dict[str, torch.Te
         if extra:
             raise CheersError(f"{path}: unexpected key {name}.{extra[0]}")
     return parts
+
+
+def install_parts(tokenizer: nn.Module, parts: dict[str, dict[str, torch.Tensor]], *, source: str,
+                  vae: bool = True) -> None:
+    """Copy the parts into a vision tokenizer (``cheers.tokenizer.vision``): the semantic
+    encoder, and with ``vae`` the VAE and, as ``cheers init`` does, its decoder and latent
+    statistics into the pixel decoder. Names and shapes are checked (``load_checked``)."""
+    load_checked(tokenizer.siglip, parts["siglip"], source=f"{source} (siglip)")
+    if vae:
+        load_checked(tokenizer.vae, parts["vae"], source=f"{source} (vae)")
+        pixel = {k: v for k, v in parts["vae"].items() if k.startswith(("decoder.", "bn."))}
+        load_checked(tokenizer.pixel_decoder, pixel, source=f"{source} (pixel decoder copy)")
 
 
 def main(argv: list[str] | None = None) -> int:
