@@ -33,8 +33,8 @@ from cheers.errors import CheersError
 TAGS = ("colors", "single_object", "two_object")
 
 
-def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: Path | None = None
-                  ) -> tuple[Path, Path, dict]:
+def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: Path | None = None,
+                  object_size: str = "standard") -> tuple[Path, Path, dict]:
     """Shards and tokenizer in ``work``, made once; for R4 / R5 the pretrained parts of
     ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
     from cheers.demo import shapes_run_config, train_text_tokenizer
@@ -45,7 +45,11 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
     if not (data / "manifest.json").is_file():
         print(f"writing {n_samples} text-to-image samples to {data}", flush=True)
         write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64, mix={"t2i": 1.0},
-                     kinds=("single", "two"), samples_per_shard=2000, workers=os.cpu_count() or 1)
+                     kinds=("single", "two"), samples_per_shard=2000, workers=os.cpu_count() or 1,
+                     object_size=object_size)
+    written = json.loads((data / "manifest.json").read_text()).get("object_size", "standard")
+    if written != object_size:
+        raise CheersError(f"{data} holds {written} objects, not {object_size}: use another --work")
     if not (tok_dir / "tokenizer.json").is_file():
         train_text_tokenizer([data], []).save(tok_dir)
     parts: dict = {}
@@ -102,7 +106,7 @@ def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cf
     model.eval()
     shape = model.latent_shape
     per_tag: dict[str, list[bool]] = {t: [] for t in TAGS}
-    colour_right, shape_right, empty = [], [], []
+    colour_right, shape_right, coherent, empty = [], [], [], []
     images_of: dict[int, list] = {}
     for chunk, b in sampling_batches(cfg, tok, meta, n_images, batch):
         # one noise per (record position, image): repeated prompts get fresh draws
@@ -126,9 +130,11 @@ def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cf
                 colour_right.append(largest is not None and largest["colour"] == first["color"])
             if len(m["include"]) == 1 and first["count"] == 1:
                 shape_right.append(largest is not None and largest["class"] == first["class"])
+                coherent.append(len(dets) == 1)
     model.train()
     scores = {t: float(np.mean(v)) for t, v in per_tag.items() if v}
     scores.update(colour_right=float(np.mean(colour_right)), shape_right=float(np.mean(shape_right)),
+                  coherent=float(np.mean(coherent)),
                   empty=float(np.mean(empty)), images=len(empty))
     return scores, [(m, images_of[i]) for i, m in enumerate(meta)]
 
@@ -141,8 +147,8 @@ def write_curve(points: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [p["step"] for p in points]
-    for key in ("colour_right", "shape_right", "colors", "single_object", "two_object", "empty"):
-        ax.plot(steps, [p[key] for p in points], marker="o", label=key,
+    for key in ("colour_right", "shape_right", "coherent", "colors", "single_object", "two_object", "empty"):
+        ax.plot(steps, [p.get(key, float("nan")) for p in points], marker="o", label=key,
                 linestyle="--" if key == "empty" else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(steps, [str(s) for s in steps])
@@ -178,6 +184,8 @@ def parse_args(argv):
     ap.add_argument("--parts", type=Path, default=None,
                     help="R4 / R5: pretrained VAE and semantic encoder (default: the package's)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--object-size", choices=["standard", "large"], default="standard",
+                    help="the world's object sizes (cheers.shapes.scenes.OBJECT_SIZES)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml")
     args = ap.parse_args(argv)
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed, args.parts)
+    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed, args.parts, args.object_size)
     run_dir = args.out / "run"
     trainable = "['*', '!tokenizer.siglip']" if args.rung == "R4" else (
         "['*']" if args.rung != "R5" else None)
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.sample_steps or tc.sample_steps
     cfg_scale = tc.cfg_scale if args.cfg_scale is None else args.cfg_scale
     record = {"rung": args.rung, "what": RUNGS[args.rung], "steps": args.steps, "token_px": args.token_px,
+              "object_size": args.object_size,
               "pixel_scale": args.pixel_scale,
               "overrides": args.overrides, "sample_steps": steps, "cfg_scale": cfg_scale,
               "images_per_tag": 4 * args.prompts, "threads": torch.get_num_threads(), "points": []}
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = args.out / "ladder.json"
     if previous.is_file():  # a run left with --stop-at (or killed) goes on from its last point
         old = json.loads(previous.read_text())
-        same = all(old.get(k) == record[k] for k in ("rung", "steps", "token_px", "pixel_scale", "overrides", "cfg_scale"))
+        same = all(old.get(k) == record[k] for k in ("rung", "steps", "token_px", "pixel_scale", "overrides", "cfg_scale")) \
+            and old.get("object_size", "standard") == args.object_size
         if not same:
             raise CheersError(f"{previous} holds another run ({old.get('rung')}, {old.get('overrides')}): "
                               "use another --out")

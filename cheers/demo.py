@@ -218,14 +218,14 @@ def evaluate_geneval(pipe, out: Path, n_per_tag: int, seed: int, steps: int, cfg
     return {"scores": scores, "samples": per_prompt, "records": records}
 
 
-def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log) -> dict:
+def evaluate_mmbench(pipe, out: Path, n: int, seed: int, log, object_size: str = "standard") -> dict:
     """MMBench-style questions with CircularEval through ``cheers.eval.mmbench``, answered by
     greedy decoding in batches; acc.csv / acc.json in ``out/mmbench``."""
     from cheers.eval import mmbench
     from cheers.eval.answering import answer_rows
     from cheers.shapes.dataset import mmbench_rows
 
-    rows = mmbench_rows(n, seed=seed, circular=True)
+    rows = mmbench_rows(n, seed=seed, circular=True, object_size=object_size)
     answers = answer_rows(pipe, rows, lambda r: mmbench.build_prompt(r, "llava"), source="shapes MMBench",
                           batch_size=32, max_new_tokens=6)
     preds = {r["index"]: a for r, a in zip(rows, answers)}
@@ -246,7 +246,7 @@ def open_answer(text: str) -> str:
     return digits.get(words[0], words[0])
 
 
-def evaluate_open(pipe, out: Path, n: int, seed: int, log) -> dict:
+def evaluate_open(pipe, out: Path, n: int, seed: int, log, object_size: str = "standard") -> dict:
     """Held-out open questions in the training's own phrasing (colour of a shape, shape of a
     colour, counts), right when the answer's first word is the truth. Not an MMBench score:
     beside it, it tells whether the model sees the answer apart from whether it can find that
@@ -254,7 +254,7 @@ def evaluate_open(pipe, out: Path, n: int, seed: int, log) -> dict:
     from cheers.eval.answering import answer_rows
     from cheers.shapes.dataset import open_question_rows
 
-    rows = open_question_rows(n, seed=seed)
+    rows = open_question_rows(n, seed=seed, object_size=object_size)
     answers = answer_rows(pipe, rows, lambda r: r["question"], source="shapes open questions",
                           batch_size=32, max_new_tokens=4)
     right: dict[str, list[bool]] = {}

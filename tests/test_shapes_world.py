@@ -478,3 +478,26 @@ def test_open_question_rows_take_categories_in_turn():
     assert open_answer("") == ""
     with pytest.raises(InputError):
         dataset.open_question_rows(0)
+
+
+def test_object_size_sets_the_size_range_and_the_detector_reads_both_worlds(tmp_path):
+    rng = np.random.default_rng(3)
+    for size in ("standard", "large"):
+        lo, hi = scenes.OBJECT_SIZES[size][1]
+        for _ in range(40):
+            scene = scenes.sample_scene(rng, 64, "single", object_size=size)
+            (obj,) = scene.objects
+            assert lo * 64 - 1e-6 <= obj.size <= hi * 64 + 1e-6
+            found = det.detect(Image.fromarray(scenes.render(scene)))
+            assert [(d["class"], d["colour"]) for d in found] == [(obj.shape, obj.colour)]
+    # a large single object spans at least two 16 px tokens a side
+    assert scenes.OBJECT_SIZES["large"][1][0] * 64 >= 28
+    scene = scenes.sample_scene(rng, 64, "two", object_size="large")
+    assert len(scene.objects) == 2
+    with pytest.raises(InputError, match="object_size='huge'"):
+        scenes.sample_scene(rng, 64, "single", object_size="huge")
+    dataset.write_shards(str(tmp_path), n_samples=3, object_size="large")
+    assert json.loads((tmp_path / "manifest.json").read_text())["object_size"] == "large"
+    with pytest.raises(InputError, match="object_size"):
+        dataset.write_shards(str(tmp_path / "bad"), n_samples=3, object_size="huge")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cheers.errors import InputError
-from cheers.shapes.scenes import Scene, render, sample_scene, scene_for_metadata
+from cheers.shapes.scenes import Scene, check_object_size, render, sample_scene, scene_for_metadata
 from cheers.shapes.texts import (
     MMBENCH_L2,
     OPTION_LETTERS,
@@ -104,20 +104,20 @@ def _check_chat_options(i2t_turns: int, mcq_answer: str) -> None:
 
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
                 kinds: Sequence[str] | None = None, i2t_turns: int = 1,
-                mcq_answer: str = "letter") -> tuple[dict, np.ndarray | None]:
+                mcq_answer: str = "letter", object_size: str = "standard") -> tuple[dict, np.ndarray | None]:
     """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
 
     t2i: ``text`` is the caption. i2t: ``i2t_turns`` human/gpt exchanges about the image in
     ``conversations`` (each an MMBench-style multiple choice answered by its letter, or a short
     open question; no question twice; a multiple choice answered as ``mcq_answer`` says,
     one of ``MCQ_ANSWERS``), ``text`` the scene's caption. text: ``text`` only,
-    ``width = height = 0``.
+    ``width = height = 0``. ``object_size``: the scenes' size range (``OBJECT_SIZES``).
     """
     _check_chat_options(i2t_turns, mcq_answer)
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
     kind = None if kinds is None else str(rng.choice(list(kinds)))
-    scene = sample_scene(rng, image_size, kind)
+    scene = sample_scene(rng, image_size, kind, object_size)
     image = render(scene)
     record = {"task": task, "text": caption(scene, rng),
               "width": scene.width, "height": scene.height}
@@ -141,7 +141,7 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
 
 
 def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_size: int,
-                 kinds: Sequence[str] | None, i2t_turns: int, mcq_answer: str) -> str:
+                 kinds: Sequence[str] | None, i2t_turns: int, mcq_answer: str, object_size: str) -> str:
     """Samples ``first .. first + len(tasks) - 1`` into the tar ``path``: a unit of work that
     depends on nothing else, so shards can be written in any order, by any process."""
     import webdataset as wds
@@ -149,7 +149,7 @@ def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_s
     with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
         for i, task in enumerate(tasks, start=first):
             record, image = make_sample(task, _rng(seed, _STREAM_SHARDS, i), image_size, kinds,
-                                        i2t_turns, mcq_answer)
+                                        i2t_turns, mcq_answer, object_size)
             sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
             if image is not None:
                 sample["png"] = png_bytes(image)
@@ -161,13 +161,14 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
                  mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
                  kinds: Sequence[str] | None = None, i2t_turns: int = 1,
                  mcq_answer: str = "letter", workers: int = 1,
-                 progress: Callable[[int], None] | None = None) -> list[str]:
+                 progress: Callable[[int], None] | None = None, object_size: str = "standard") -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
 
     ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
     for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample;
     ``mcq_answer``: how multiple-choice questions are answered (``MCQ_ANSWERS``).
     ``workers`` > 1 writes shards in that many processes; the files are the same bytes.
+    ``object_size``: the scenes' size range (``cheers.shapes.scenes.OBJECT_SIZES``).
     ``progress(n)`` is called with the samples of each shard written.
 
     Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
@@ -178,10 +179,12 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         raise InputError(f"n_samples={n_samples}, samples_per_shard={samples_per_shard}, workers={workers}; "
                          f"each must be >= 1")
     _check_chat_options(i2t_turns, mcq_answer)  # before any worker starts
+    check_object_size(object_size)
     os.makedirs(out_dir, exist_ok=True)
     tasks = _task_schedule(n_samples, mix or DEFAULT_MIX)
     jobs = [(os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar"),
-             tasks[start:start + samples_per_shard], start, seed, image_size, kinds, i2t_turns, mcq_answer)
+             tasks[start:start + samples_per_shard], start, seed, image_size, kinds, i2t_turns, mcq_answer,
+             object_size)
             for start in range(0, n_samples, samples_per_shard)]
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
@@ -204,7 +207,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
         "kinds": list(kinds) if kinds is not None else None, "i2t_turns": i2t_turns,
-        "mcq_answer": mcq_answer,
+        "mcq_answer": mcq_answer, "object_size": object_size,
         "shards": [os.path.basename(p) for p in paths],
         "tasks": {t: tasks.count(t) for t in TASKS},
     }
@@ -232,7 +235,7 @@ def read_geneval_metadata(path: str) -> list[dict]:
 
 
 def write_geneval_reference(out_dir: str, metadata: list[dict], seed: int = HELDOUT_SEED,
-                            image_size: int = 64, n_images: int = 4) -> None:
+                            image_size: int = 64, n_images: int = 4, object_size: str = "standard") -> None:
     """Reference images that satisfy each record, in GenEval's output layout
     ``<out_dir>/<%05d>/metadata.jsonl`` + ``samples/<%04d>.png``: what a perfect generator
     would write (a scorer run on them should find every image correct)."""
@@ -242,7 +245,7 @@ def write_geneval_reference(out_dir: str, metadata: list[dict], seed: int = HELD
         with open(os.path.join(folder, "metadata.jsonl"), "w") as fp:
             json.dump(meta, fp)
         for k in range(n_images):
-            scene = scene_for_metadata(meta, _rng(seed, _STREAM_REFERENCE, p * 1000 + k), image_size)
+            scene = scene_for_metadata(meta, _rng(seed, _STREAM_REFERENCE, p * 1000 + k), image_size, object_size)
             Image.fromarray(render(scene)).save(os.path.join(folder, "samples", f"{k:04d}.png"))
 
 
@@ -262,7 +265,7 @@ def rotate_question(row: dict, k: int) -> dict:
 
 
 def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
-                 circular: bool = True) -> list[dict]:
+                 circular: bool = True, object_size: str = "standard") -> list[dict]:
     """``n`` MMBench questions (row dicts with the TSV columns), one scene each, categories
     in turn; then, with ``circular``, the rotated copies (k = 1 .. options - 1)."""
     if n < 1:
@@ -270,7 +273,7 @@ def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
     rows = []
     for i in range(n):
         rng = _rng(seed, _STREAM_MMBENCH, i)
-        scene: Scene = sample_scene(rng, image_size)
+        scene: Scene = sample_scene(rng, image_size, object_size=object_size)
         qs = mmbench_questions(scene, rng)
         want = list(MMBENCH_L2)[i % len(MMBENCH_L2)]
         pick = [q for q in qs if q["category"] == want] or qs
@@ -291,7 +294,8 @@ def mmbench_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
     return rows
 
 
-def open_question_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64) -> list[dict]:
+def open_question_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
+                       object_size: str = "standard") -> list[dict]:
     """``n`` open questions in the training's own phrasing (``world.open_questions``), one
     scene each, categories colour, shape and count in turn: rows ``{index, image (base64 PNG),
     question, answer, category}`` for ``cheers.eval.answering.answer_rows``."""
@@ -302,7 +306,7 @@ def open_question_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64) -
     for i in range(n):
         rng = _rng(seed, _STREAM_OPEN, i)
         while True:  # a scene of one shape drawn several times has no colour question
-            scene = sample_scene(rng, image_size)
+            scene = sample_scene(rng, image_size, object_size=object_size)
             pick = [q for q in open_questions(scene) if q["category"] == cats[i % len(cats)]]
             if pick:
                 break
@@ -313,10 +317,10 @@ def open_question_rows(n: int, seed: int = HELDOUT_SEED, image_size: int = 64) -
 
 
 def write_mmbench_tsv(path: str, n: int, seed: int = HELDOUT_SEED, image_size: int = 64,
-                      circular: bool = True) -> list[dict]:
+                      circular: bool = True, object_size: str = "standard") -> list[dict]:
     """The MMBench TSV (columns ``MMBENCH_COLUMNS``, tab-separated, base64 PNG images) of
     ``mmbench_rows``. Returns the rows."""
-    rows = mmbench_rows(n, seed, image_size, circular)
+    rows = mmbench_rows(n, seed, image_size, circular, object_size)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as fp:

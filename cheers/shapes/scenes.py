@@ -231,15 +231,29 @@ def _check_size(image_size: int) -> None:
                          f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px")
 
 
-def _size_range(n: int, image_size: int) -> tuple[float, float]:
-    # fractions of the side; 4 shapes of at most 0.26 S plus gaps fit easily
-    hi = {1: 0.45, 2: 0.38, 3: 0.32, 4: 0.29}[n]
-    lo = max(0.25, 16.0 / image_size)
+# Object sides as fractions of the image side, by object count. "standard": one object 16 px up
+# to 0.45 of a 64 px side, so it spans one or two 16 px LLM tokens; "large": one object 28-44 px
+# at 64 px (at least two tokens a side), two objects 22-29 px. 3-4 objects are the same in both.
+OBJECT_SIZES: dict[str, dict[int, tuple[float, float]]] = {
+    "standard": {1: (0.25, 0.45), 2: (0.25, 0.38), 3: (0.25, 0.32), 4: (0.25, 0.29)},
+    "large": {1: (0.44, 0.69), 2: (0.34, 0.45), 3: (0.28, 0.34), 4: (0.25, 0.29)},
+}
+
+
+def check_object_size(object_size: str) -> None:
+    if object_size not in OBJECT_SIZES:
+        raise InputError(f"object_size={object_size!r}; expected one of {tuple(OBJECT_SIZES)}")
+
+
+def _size_range(n: int, image_size: int, object_size: str = "standard") -> tuple[float, float]:
+    check_object_size(object_size)
+    lo, hi = OBJECT_SIZES[object_size][n]
+    lo = max(lo, 16.0 / image_size)
     return lo * image_size, max(hi * image_size, lo * image_size)
 
 
 def _place(rng: np.random.Generator, specs: list[tuple[str, str]], image_size: int,
-           relation: str | None = None, tries: int = 200) -> tuple[ShapeObject, ...]:
+           relation: str | None = None, tries: int = 200, object_size: str = "standard") -> tuple[ShapeObject, ...]:
     """Place shapes of ``specs`` without overlap (>= 2 px gap between their squares).
 
     With ``relation``, two specs and ``objects[1] relation objects[0]`` must be the
@@ -247,7 +261,7 @@ def _place(rng: np.random.Generator, specs: list[tuple[str, str]], image_size: i
     """
     n = len(specs)
     gap = max(2.0, 0.04 * image_size)
-    lo, hi = _size_range(n, image_size)
+    lo, hi = _size_range(n, image_size, object_size)
     for attempt in range(tries):
         # shrink the sizes on repeated failure so sampling always ends
         shrink = 1.0 if attempt < tries // 2 else 0.8
@@ -277,13 +291,16 @@ def _random_colour(rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> s
     return str(rng.choice([c for c in COLOURS if c not in exclude]))
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 64, kind: str | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, image_size: int = 64, kind: str | None = None,
+                 object_size: str = "standard") -> Scene:
     """A random scene of 1-4 shapes; ``kind`` (one of ``SCENE_KINDS``) picks its layout:
 
     single (1 shape), two (2 distinct shapes), position (2 distinct shapes with one
     unambiguous relation), counting (2-4 shapes of one class), multi (3-4 shapes).
+    ``object_size`` (a key of ``OBJECT_SIZES``) sets the objects' size range.
     """
     _check_size(image_size)
+    check_object_size(object_size)
     if kind is None:
         kind = str(rng.choice(SCENE_KINDS))
     if kind not in SCENE_KINDS:
@@ -310,12 +327,13 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, kind: str | Non
     else:
         n = int(rng.integers(3, MAX_OBJECTS + 1))
         specs = [(str(rng.choice(SHAPES)), _random_colour(rng)) for _ in range(n)]
-    objs = _place(rng, specs, image_size, relation=relation)
+    objs = _place(rng, specs, image_size, relation=relation, object_size=object_size)
     return Scene(width=image_size, height=image_size, objects=objs, kind=kind,
                  relation=None if relation is None else (1, relation, 0))
 
 
-def scene_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int = 64) -> Scene:
+def scene_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int = 64,
+                       object_size: str = "standard") -> Scene:
     """A scene that satisfies a GenEval metadata record over shape classes exactly:
     ``count`` objects per include clause (in its colour when given), placed so that
     each ``position`` clause holds, and nothing else. A reference image for a prompt."""
@@ -341,6 +359,6 @@ def scene_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int
             relation = rel
     if len(specs) > MAX_OBJECTS:
         raise InputError(f"metadata asks for {len(specs)} objects, at most {MAX_OBJECTS}")
-    objs = _place(rng, specs, image_size, relation=relation)
+    objs = _place(rng, specs, image_size, relation=relation, object_size=object_size)
     return Scene(width=image_size, height=image_size, objects=objs, kind="geneval",
                  relation=None if relation is None else (1, relation, 0))
