@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cheers.checkpoint import load_pretrained
+from cheers.detokenizer import Detokenizer
 from cheers.engine import Engine
 from cheers.errors import CheckpointError, InputError
 from cheers.images import square_tensor
@@ -182,18 +183,16 @@ class Pipeline:
         pix = [load_image(im, self.image_size) for im in images]
         stop = {self.cfg.tokens.eos, self.cfg.tokens.pad}
         g = torch.Generator(device=self.engine.device).manual_seed(seed)
-        got: list[int] = []
-        text = ""
+        detok = Detokenizer(self.text_tokenizer)
         for nxt in self.engine.decode_text([ids], [pix], max_new_tokens=max_new_tokens, stop_ids=stop,
                                            temperature=temperature, top_p=top_p, generator=g):
             tok = int(nxt[0])
             if tok in stop:
                 break
-            got.append(tok)
-            new = self.text_tokenizer.decode(got)
-            if len(new) > len(text):
-                yield new[len(text):]
-                text = new
+            if piece := detok.push(tok):
+                yield piece
+        if tail := detok.flush():
+            yield tail
 
     def understand(self, image, question: str, **kw) -> str:
         images = image if isinstance(image, list) else [image]

@@ -23,6 +23,7 @@ from collections import deque
 
 import torch
 
+from cheers.detokenizer import Detokenizer
 from cheers.pipeline import Pipeline, to_pil
 from cheers.serve.config import ServeConfig
 from cheers.serve.decode_batch import DecodeBatch, RowSampling
@@ -76,11 +77,9 @@ class ChatJob(Job):
     def __init__(self, loop: asyncio.AbstractEventLoop, request: ChatRequest, text_tokenizer, stop_ids: set[int]):
         super().__init__(loop)
         self.request = request
-        self.text_tokenizer = text_tokenizer
         self.stop_ids = stop_ids
-        self.tokens: list[int] = []
+        self.detokenizer = Detokenizer(text_tokenizer)
         self.generated = 0
-        self.decoded = ""  # the text tokenizer's text of ``tokens``
         self.answer = ""  # what ``Pipeline.stream`` would have yielded so far, joined
         self.sent = 0  # characters of the stripped answer posted
         self.hold = max((len(s) for s in request.stop), default=1) - 1
@@ -90,18 +89,16 @@ class ChatJob(Job):
         self.generated += 1
         finish = None
         if token in self.stop_ids:
+            self.answer += self.detokenizer.flush()
             finish = "stop"
         else:
-            self.tokens.append(token)
-            new = self.text_tokenizer.decode(self.tokens)
-            if len(new) > len(self.decoded):
-                self.answer += new[len(self.decoded):]
-                self.decoded = new
-            cut = [i for i in (self.answer.find(s) for s in self.request.stop) if i >= 0]
-            if cut:
-                self.answer, finish = self.answer[:min(cut)], "stop"
-            elif len(self.tokens) >= self.request.max_tokens:
+            self.answer += self.detokenizer.push(token)
+            if self.generated >= self.request.max_tokens:
+                self.answer += self.detokenizer.flush()
                 finish = "length"
+        cut = [i for i in (self.answer.find(s) for s in self.request.stop) if i >= 0]
+        if cut:
+            self.answer, finish = self.answer[:min(cut)], "stop"
         text = self.answer.lstrip()
         end = len(text.rstrip())
         if finish is None:
