@@ -50,11 +50,13 @@ def data_uri(raw: bytes, mime: str = "image/png") -> str:
 class LiveServer:
     """uvicorn serving ``app`` on a free loopback port in a thread (``with LiveServer(app) as s``)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **uvicorn_settings):
         import uvicorn
 
+        from cheers.serve.app import Server
+
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
 
@@ -72,3 +74,13 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def wait_until(condition, seconds: float, what: str) -> float:
+    """Poll ``condition()`` until it holds; fails naming ``what`` after ``seconds``. -> the wait (s)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > seconds:
+            raise AssertionError(f"{what}: not within {seconds} s")
+        time.sleep(0.01)
+    return time.monotonic() - start

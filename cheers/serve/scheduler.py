@@ -7,6 +7,10 @@
   an image batch samples, the chat batch decodes between its steps, for as long as each step
   took: images and chats share the model by time.
 * At most ``queue_size`` requests wait or run; one more is refused (HTTP 429).
+* A request whose client went away (:meth:`Scheduler.cancel`) leaves at once if it waits, else
+  at the next decode step or sampler step: its KV rows and queue slot are freed and it counts
+  as ``cancelled``. An image batch whose every request is cancelled stops sampling; one shared
+  with live requests keeps the cancelled rows until it ends (the sampler's batch is fixed).
 
 With ``max_batch == 1`` it serves one request at a time, in arrival order (the reference the
 load benchmark compares against).
@@ -28,6 +32,7 @@ from cheers.pipeline import Pipeline, to_pil
 from cheers.serve.config import ServeConfig
 from cheers.serve.decode_batch import DecodeBatch, RowSampling
 from cheers.serve.errors import APIError
+from cheers.serve.metrics import ServeMetrics
 from cheers.serve.validation import ChatRequest, ImageRequest
 
 log = logging.getLogger("cheers.serve")
@@ -41,6 +46,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Abandoned(Exception):
+    """Every request of the running image batch was cancelled: stop sampling."""
+
+
 class Job:
     """A request in the scheduler. Its events go back to the event loop that submitted it."""
 
@@ -48,7 +57,9 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False  # the client went away: drop the job at the next chance
+        self.finished = False  # counted once: completed, failed or cancelled
         self.submitted = time.monotonic()
+        self.last_token: float | None = None  # when a chat row last got a token
 
     def post(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -116,21 +127,26 @@ class ChatJob(Job):
 class Scheduler:
     """Owns ``pipe`` in its own thread; ``submit`` is safe to call from any thread."""
 
-    def __init__(self, pipe: Pipeline, cfg: ServeConfig):
+    def __init__(self, pipe: Pipeline, cfg: ServeConfig, metrics: ServeMetrics | None = None):
         self.pipe = pipe
         self.cfg = cfg
+        self.metrics = metrics or ServeMetrics()
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._rows: list[ChatJob] = []  # decoding now, in the batch's row order
         self._batch = DecodeBatch(pipe.engine)
-        self._sampling = 0  # image jobs in the sampler now
+        self._sampling = 0  # image jobs in the sampler now, less those cancelled there
+        self._images: list[ImageJob] = []  # the running image batch
         self._stop_ids = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
         self._job_seconds = 1.0  # running mean of a request's time in the server (for Retry-After)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.draining = False  # shutting down: running requests finish, new ones get 503
+        self.crash: BaseException | None = None  # what killed the scheduler thread
         self._step_started = 0.0  # when the running sampler step began
         self.stats = {"sampler_calls": 0, "image_rows": 0, "largest_image_batch": 0, "decode_steps": 0,
-                      "largest_chat_batch": 0, "prefills": 0, "completed": 0, "failed": 0, "rejected": 0}
+                      "largest_chat_batch": 0, "prefills": 0, "completed": 0, "failed": 0, "rejected": 0,
+                      "cancelled": 0}
 
     @property
     def sequential(self) -> bool:
@@ -138,10 +154,24 @@ class Scheduler:
 
     # ------------------------------------------------------------------ client side
 
+    @property
+    def alive(self) -> bool:
+        """The model thread runs (or has not been started yet)."""
+        return self.crash is None and (self._thread is None or self._thread.is_alive())
+
     def load(self) -> dict:
         with self._cond:
             return {"waiting": len(self._pending), "decoding": len(self._rows), "sampling": self._sampling,
                     "capacity": self.cfg.queue_size}
+
+    def unavailable(self) -> APIError | None:
+        """Why the scheduler takes no new request (a 503), or None."""
+        if self._stopping or self.draining:
+            return APIError(503, "the server is shutting down", code="shutting_down")
+        if not self.alive:
+            return APIError(503, "the server's model thread has stopped; it serves no requests until restarted",
+                            code="scheduler_dead")
+        return None
 
     def chat_job(self, loop: asyncio.AbstractEventLoop, request: ChatRequest) -> ChatJob:
         return ChatJob(loop, request, self.pipe.text_tokenizer, self._stop_ids)
@@ -149,16 +179,39 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` when ``queue_size`` requests wait or run."""
         with self._cond:
-            if self._stopping:
-                raise APIError(503, "the server is shutting down")
+            if (refused := self.unavailable()) is not None:
+                raise refused
             if len(self._pending) + len(self._rows) + self._sampling >= self.cfg.queue_size:
                 self.stats["rejected"] += 1
                 raise QueueFull(max(1, math.ceil(self._job_seconds)))
             self._pending.append(job)
             self._cond.notify()
 
+    def room(self) -> None:
+        """Raises the refusal ``submit`` would give now, so a request is refused before any work."""
+        with self._cond:
+            if (refused := self.unavailable()) is not None:
+                raise refused
+            if len(self._pending) + len(self._rows) + self._sampling >= self.cfg.queue_size:
+                self.stats["rejected"] += 1
+                raise QueueFull(max(1, math.ceil(self._job_seconds)))
+
+    def cancel(self, job: Job) -> None:
+        """The client of ``job`` went away. A waiting job leaves now; a running one at the next
+        decode or sampler step. A no-op for a finished job."""
+        with self._cond:
+            if job.finished or job.cancelled:
+                return
+            job.cancelled = True
+            if job in self._pending:
+                self._pending.remove(job)
+                self._finished(job, "cancelled")
+            elif isinstance(job, ImageJob) and job in self._images:
+                self._sampling -= 1  # its queue slot frees now; its rows end with the batch
+                self._finished(job, "cancelled")
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="cheers-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run_guarded, name="cheers-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -167,13 +220,32 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
-        gone = APIError(503, "the server is shutting down")
-        for job in [*self._pending, *self._rows]:
-            job.fail(gone)
+        gone = APIError(503, "the server is shutting down", code="shutting_down")
+        for job in [*self._pending, *self._rows, *self._images]:
+            if not job.finished:
+                job.fail(gone)
+                self._finished(job, "failed")
         self._pending.clear()
-        self._rows = []
+        self._rows, self._images = [], []
 
     # ------------------------------------------------------------------ the model thread
+
+    def _run_guarded(self) -> None:
+        """``_run``; if it dies, every request it holds fails now with a 503 instead of hanging."""
+        try:
+            self._run()
+        except BaseException as e:
+            log.exception("the scheduler thread died; the server answers 503 until it is restarted")
+            with self._cond:
+                self.crash = e
+                jobs = [*self._pending, *self._rows, *self._images]
+                self._pending.clear()
+                self._rows, self._images, self._sampling = [], [], 0
+            dead = self.unavailable()
+            for job in jobs:
+                if not job.finished:
+                    job.fail(dead)
+                    self._finished(job, "failed")
 
     def _run(self) -> None:
         while True:
@@ -191,17 +263,20 @@ class Scheduler:
                 with self._cond:
                     self._cond.wait(timeout=wait)
 
-    def _finished(self, job: Job, ok: bool) -> None:
-        self.stats["completed" if ok else "failed"] += 1
-        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - job.submitted)
-
-    def _drop_cancelled(self) -> None:
-        for job in [j for j in self._pending if j.cancelled]:
-            self._pending.remove(job)
+    def _finished(self, job: Job, outcome: str) -> None:
+        """Count ``job`` once as ``completed``, ``failed`` or ``cancelled``."""
+        with self._cond:  # the client side cancels under the same lock
+            if job.finished:
+                return
+            job.finished = True
+            self.stats[outcome] += 1
+        if outcome == "cancelled":
+            self.metrics.cancelled.inc()
+        else:
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - job.submitted)
 
     def _take_images(self) -> tuple[list[ImageJob], float | None]:
         """Image jobs to sample now (under the lock), or how long to wait for more to join."""
-        self._drop_cancelled()
         if self.sequential:
             if self._rows or not self._pending or not isinstance(self._pending[0], ImageJob):
                 return [], None
@@ -227,20 +302,24 @@ class Scheduler:
     def _claim(self, job: ImageJob) -> ImageJob:
         self._pending.remove(job)
         self._sampling += 1
+        self._images.append(job)
         return job
 
     def _run_images(self, jobs: list[ImageJob]) -> None:
         try:
-            self._batch_or_alone(jobs, self._images, "an image batch")
+            self._batch_or_alone(jobs, self._post_images, "an image batch")
         finally:
             with self._cond:
-                self._sampling -= len(jobs)
+                self._sampling -= sum(1 for j in jobs if not j.cancelled)
+                self._images = []
 
     def _batch_or_alone(self, jobs: list[Job], run, what: str) -> None:
         """``run(jobs)``; if that fails, ``run([job])`` for each, so only a request that fails
         alone gets the error."""
         try:
             run(jobs)
+        except Abandoned:
+            log.info("an image batch of %d requests stopped: every client went away", len(jobs))
         except Exception as e:
             if len(jobs) > 1:
                 log.warning("%s of %d requests failed (%s); running them one by one", what, len(jobs), e)
@@ -249,12 +328,14 @@ class Scheduler:
                 return
             log.exception("%s failed", what)
             jobs[0].fail(e)
-            self._finished(jobs[0], ok=False)
+            self._finished(jobs[0], "failed")
 
-    def _images(self, jobs: list[ImageJob]) -> None:
+    def _post_images(self, jobs: list[ImageJob]) -> None:
         for job, images in zip(jobs, self._sample(jobs), strict=True):
-            job.post("done", images)
-            self._finished(job, ok=True)
+            if not job.cancelled:
+                job.post("done", images)
+                self._finished(job, "completed")
+                self.metrics.images.inc(len(images))
 
     def _sample(self, jobs: list[ImageJob]) -> list[list]:
         """One sampler call for every image of ``jobs`` -> each job's PIL images."""
@@ -263,6 +344,7 @@ class Scheduler:
         seeds = [s for j in jobs for s in j.request.seeds]
         model = self.pipe.model
         start = None
+        self.metrics.sampler_batch.observe(len(prompts))
         with torch.no_grad():
             if first.source is not None:
                 pixels = torch.stack([j.request.source for j in jobs for _ in range(j.request.n)])
@@ -270,7 +352,7 @@ class Scheduler:
             self._step_started = time.monotonic()
             latents = self.pipe.generate_latents(prompts, seeds=seeds, steps=first.steps, cfg_scale=first.cfg_scale,
                                                  shift=first.shift, start=start,
-                                                 callback=None if self.sequential else self._between_steps)
+                                                 callback=lambda _step: self._between_steps(jobs))
             images = [to_pil(p) for p in model.tokenizer.decode(latents)]
         self.stats["sampler_calls"] += 1
         self.stats["image_rows"] += len(prompts)
@@ -281,9 +363,14 @@ class Scheduler:
             k += job.request.n
         return out
 
-    def _between_steps(self, _step: int) -> None:
-        """Between two sampler steps the chat batch decodes for as long as the step took (at
-        least one token), so images and chats share the model thread by time."""
+    def _between_steps(self, jobs: list[ImageJob]) -> None:
+        """Between two sampler steps the batch stops if all its clients went away, and the chat
+        batch decodes for as long as the step took (at least one token), so images and chats
+        share the model thread by time."""
+        if all(j.cancelled for j in jobs):
+            raise Abandoned
+        if self.sequential or self._stopping:
+            return
         until = 2 * time.monotonic() - self._step_started
         self._chat_step()
         while self._rows and time.monotonic() < until:
@@ -298,7 +385,6 @@ class Scheduler:
 
     def _take_chats(self) -> list[ChatJob]:
         with self._cond:
-            self._drop_cancelled()
             if self.sequential:
                 if self._rows or not self._pending or not isinstance(self._pending[0], ChatJob):
                     return []
@@ -328,10 +414,22 @@ class Scheduler:
             return
         try:
             tokens = self._batch.pick()
-            done = [r for r, (job, tok) in enumerate(zip(self._rows, tokens, strict=True))
-                    if job.cancelled or job.feed(tok)]
-            for r in done:
-                self._finished(self._rows[r], ok=True)
+            now = time.monotonic()
+            done = []
+            for r, (job, tok) in enumerate(zip(self._rows, tokens, strict=True)):
+                if job.cancelled:
+                    done.append(r)
+                    self._finished(job, "cancelled")
+                    continue
+                if job.last_token is None:
+                    self.metrics.time_to_first_token.observe(now - job.submitted)
+                else:
+                    self.metrics.inter_token_latency.observe(now - job.last_token)
+                job.last_token = now
+                self.metrics.tokens.inc()
+                if job.feed(tok):
+                    done.append(r)
+                    self._finished(job, "completed")
             self._batch.drop(done)
             with self._cond:
                 self._rows = [job for r, job in enumerate(self._rows) if r not in done]
@@ -342,7 +440,7 @@ class Scheduler:
             log.exception("a decode step failed; failing the %d chat requests in it", len(self._rows))
             for job in self._rows:
                 job.fail(e)
-                self._finished(job, ok=False)
+                self._finished(job, "failed")
             with self._cond:
                 self._rows = []
             self._batch = DecodeBatch(self.pipe.engine)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -21,9 +22,24 @@ from cheers.errors import InputError
 from cheers.images import square_tensor
 from cheers.serve.config import ServeConfig
 from cheers.serve.errors import APIError, bad_request
+from cheers.sequence import UND_PLACEHOLDER
 from cheers.text_tokenizer import DEFAULT_SYSTEM
 
-SEED_MAX = 2**62  # leaves room for seed + i across a request's n images
+SEED_MIN, SEED_MAX = -(2**63), 2**62  # torch generators take any 64-bit seed; room for seed + i of n images
+JSON_DEPTH = 32  # OpenAI's bodies nest a few levels; deeper is an attack on the parser
+# the formats an upload may be, by the magic bytes that open them: Pillow runs no other plugin
+IMAGE_FORMATS = {"PNG": ("image/png",), "JPEG": ("image/jpeg", "image/jpg"), "WEBP": ("image/webp",),
+                 "GIF": ("image/gif",)}
+
+# parameters of OpenAI's chat API the server does not honour, with the value that means "off"
+CHAT_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
+                "top_logprobs": 0, "tools": [], "functions": [], "tool_choice": "none", "audio": None,
+                "modalities": ["text"], "parallel_tool_calls": None, "top_k": -1, "store": False}
+CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
+             "stream_options", "seed", "n", "user", "response_format", "metadata", "service_tier", *CHAT_NEUTRAL}
+IMAGE_NEUTRAL = {"quality": "auto", "background": "auto", "moderation": "auto"}
+IMAGE_KEYS = {"model", "prompt", "n", "size", "response_format", "output_format", "seed", "steps",
+              "guidance_scale", "shift", "user", "strength", "mask", *IMAGE_NEUTRAL}
 
 
 @dataclass
@@ -114,18 +130,78 @@ def check_model(body: dict, model_name: str) -> None:
 
 
 def _seed(body: dict) -> int:
-    seed = _integer(body, "seed", None, 0, SEED_MAX)
+    seed = _integer(body, "seed", None, SEED_MIN, SEED_MAX)
     return secrets.randbelow(2**31) if seed is None else seed
+
+
+def _known(body: dict, keys: set[str], neutral: dict, route: str) -> None:
+    """Refuse a parameter the server would otherwise ignore: unknown, or set to anything but off."""
+    for key, value in body.items():
+        if key not in keys:
+            raise bad_request(f"unrecognized request argument {key!r} for {route}", key, code="unsupported_parameter")
+        if key in neutral and value is not None and value != neutral[key] and not (key == "top_k" and value == 0):
+            raise bad_request(f"{key!r}={value!r} is not supported by this server; leave it out", key,
+                              code="unsupported_parameter")
+
+
+def parse_json(raw: bytes, max_values: int) -> dict:
+    """A request body -> its JSON object, refusing cheaply what would be costly to parse: more
+    than ``max_values`` separators (``,`` ``[`` ``{``), nesting deeper than ``JSON_DEPTH``."""
+    if not raw:
+        raise bad_request("the request body is empty; expected a JSON object", code="invalid_json")
+    separators = raw.count(b",")
+    separators += raw.count(b"[") + raw.count(b"{")
+    if separators > max_values:
+        raise bad_request(f"the request body holds {separators} JSON separators (',', '[', '{{'), over this "
+                          f"server's limit of {max_values}", code="json_too_complex")
+    try:
+        body = json.loads(raw)
+    except RecursionError as e:
+        raise bad_request(f"the request body nests JSON deeper than this server's limit of {JSON_DEPTH}",
+                          code="json_too_deep") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise bad_request(f"expected a JSON object, got a JSON {type(body).__name__}", code="invalid_json")
+    level = [body]
+    for _ in range(JSON_DEPTH):
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+        if not level:
+            return body
+    raise bad_request(f"the request body nests JSON deeper than this server's limit of {JSON_DEPTH}",
+                      code="json_too_deep")
 
 
 # --------------------------------------------------------------------------- images
 
 
-def open_image(raw: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Bytes -> a loaded PIL image, refusing what is not an image or has too many pixels (the
-    size is read from the header, before any pixel is decoded)."""
+def sniff_format(raw: bytes) -> str | None:
+    """The allowed format (a key of ``IMAGE_FORMATS``) whose magic bytes open ``raw``, or None."""
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    if raw[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def open_image(raw: bytes, param: str, max_pixels: int, declared: str | None = None) -> Image.Image:
+    """Bytes -> a loaded PIL image, refusing what is not a PNG, JPEG, WebP or GIF (by its magic
+    bytes, before Pillow looks at it, and by Pillow's plugins of those four alone), what is not
+    the ``declared`` media type, or has too many pixels (the size is read from the header,
+    before any pixel is decoded)."""
+    kind = sniff_format(raw)
+    if kind is None:
+        raise bad_request(f"{param}: the data is not a PNG, JPEG, WebP or GIF image, the formats this server "
+                          "reads", param, code="invalid_image")
+    if declared is not None and declared not in IMAGE_FORMATS[kind]:
+        raise bad_request(f"{param}: the data URI says {declared} but the data is a {kind} image", param,
+                          code="invalid_image_format")
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=[kind])
     except Image.DecompressionBombError as e:
         raise bad_request(f"{param}: {e}", param, code="image_too_large") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -161,6 +237,10 @@ def decode_image_url(url, param: str, max_pixels: int) -> Image.Image:
     if not comma or not mime.startswith("image/"):
         raise bad_request(f"{param}: a data URI of media type {mime!r} is not an image; expected "
                           "data:image/...;base64,...", param, code="invalid_image_format")
+    allowed = {m for names in IMAGE_FORMATS.values() for m in names}
+    if mime not in allowed:
+        raise bad_request(f"{param}: images of type {mime} are not accepted; send image/png, image/jpeg, "
+                          "image/webp or image/gif", param, code="invalid_image_format")
     if "base64" not in parts[1:]:
         raise bad_request(f"{param}: the image data must be base64-encoded (data:{mime};base64,...)",
                           param, code="invalid_image_url")
@@ -169,7 +249,7 @@ def decode_image_url(url, param: str, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise bad_request(f"{param}: the image data is not valid base64 ({e})", param,
                           code="invalid_base64") from e
-    return open_image(raw, param, max_pixels)
+    return open_image(raw, param, max_pixels, declared=mime)
 
 
 # --------------------------------------------------------------------------- chat
@@ -207,6 +287,7 @@ def _turns(messages, cfg: ServeConfig) -> tuple[str | None, list[tuple[str, str]
     system: list[str] = []
     turns: list[tuple[str, str]] = []
     images: list[Image.Image] = []
+    chars = 0
     for i, m in enumerate(messages):
         p = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -218,6 +299,10 @@ def _turns(messages, cfg: ServeConfig) -> tuple[str | None, list[tuple[str, str]
         if "content" not in m or m["content"] is None:
             raise bad_request(f"{p} has no content", f"{p}.content")
         text, imgs = _content(m["content"], f"{p}.content", role == "user", cfg.max_image_pixels)
+        chars += len(text)
+        if chars > cfg.max_prompt_chars:  # before any tokenizing: a token is rarely over a few characters
+            raise bad_request(f"the messages hold over {cfg.max_prompt_chars} characters of text, this server's "
+                              "limit", "messages", code="context_length_exceeded")
         images += imgs
         if len(images) > cfg.max_images:
             raise bad_request(f"the request holds more than this server's limit of {cfg.max_images} images",
@@ -243,12 +328,13 @@ def parse_chat(body: dict, pipe, cfg: ServeConfig) -> ChatRequest:
         raise bad_request("'messages' is required", "messages")
     check_model(body, cfg.model_name)
     _integer(body, "n", 1, 1, 1, limit_code="n_too_large")  # one answer per request
-    for key in ("tools", "functions", "logprobs", "audio"):
-        if body.get(key):
-            raise bad_request(f"'{key}' is not supported by this server", key)
+    _known(body, CHAT_KEYS, CHAT_NEUTRAL, "/v1/chat/completions")
     _choice(body, "response_format", (None, {"type": "text"}), "only text answers are supported")
-    max_tokens = _integer(body, "max_completion_tokens", None, 1, cfg.max_tokens, limit_code="max_tokens_too_large")
-    max_tokens = _integer(body, "max_tokens", max_tokens, 1, cfg.max_tokens, limit_code="max_tokens_too_large")
+    # max_tokens is the deprecated name: the new one wins when both are sent (as OpenAI and vLLM)
+    max_tokens = _integer(body, "max_tokens", None, 1, cfg.max_tokens, limit_code="max_tokens_too_large")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, "max_completion_tokens", max_tokens, 1, cfg.max_tokens,
+                          limit_code="max_tokens_too_large")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     stop = body.get("stop")
@@ -262,13 +348,16 @@ def parse_chat(body: dict, pipe, cfg: ServeConfig) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request(f"'stream_options.include_usage' must be true or false, got {include_usage!r}",
+                          "stream_options.include_usage")
 
     system, turns, pil = _turns(body["messages"], cfg)
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
-    try:
-        ids = pipe.text_tokenizer.i2t_prompt(turns[-1][1], len(pil), system=system or None, history=history)
-    except InputError as e:
-        raise bad_request(str(e), "messages") from e
+    ids = chat_prompt(pipe.text_tokenizer, system, history, turns[-1][1], len(pil))
     prompt_tokens = len(ids) + len(pil) * (pipe.cfg.tokens_per_image - 1)
     context = pipe.cfg.llm.max_position_embeddings
     if prompt_tokens > cfg.max_prompt_tokens:
@@ -277,12 +366,33 @@ def parse_chat(body: dict, pipe, cfg: ServeConfig) -> ChatRequest:
     if max_tokens is None:
         max_tokens = max(1, min(cfg.default_max_tokens, cfg.max_tokens, context - prompt_tokens))
     if prompt_tokens + max_tokens > context:
-        raise bad_request(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceed the "
-                          f"model's context of {context} tokens", "max_tokens", code="context_length_exceeded")
+        raise bad_request(f"the prompt ({prompt_tokens} tokens) plus {key} ({max_tokens}) exceed the "
+                          f"model's context of {context} tokens", key, code="context_length_exceeded")
     images = [square_tensor(im, pipe.image_size) for im in pil]
     return ChatRequest(ids=ids, images=images, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, seed=_seed(body), stop=stop or [],
-                       stream=stream, include_usage=bool(options.get("include_usage", False)))
+                       stream=stream, include_usage=include_usage)
+
+
+def chat_prompt(tok, system: str | None, history: list[tuple[str, str]], question: str, n_images: int) -> list[int]:
+    """The prompt's token ids, as ``TextTokenizer.i2t_prompt`` lays them out; a user turn may be
+    images alone (no text), which OpenAI's API allows and ``i2t_prompt`` refuses."""
+    turns = [*history, (question, None)]
+    if all(q.strip() for q, _ in turns):
+        try:
+            return tok.i2t_prompt(question, n_images, system=system or None, history=history)
+        except InputError as e:
+            raise bad_request(str(e), "messages") from e
+    if not n_images:
+        raise bad_request("a user message is empty: it has neither text nor an image", "messages")
+    ids = tok.system(system or None)
+    images = (tok.image_block(UND_PLACEHOLDER) + tok.newline) * n_images
+    for q, answer in turns:
+        ids += tok.turn("user", images + tok.encode(q)) + tok.assistant_open()
+        images = []
+        if answer is not None:
+            ids += tok.encode(answer) + [tok.special.eos] + tok.newline
+    return ids
 
 
 # --------------------------------------------------------------------------- images
@@ -295,6 +405,14 @@ def parse_image_request(body: dict, pipe, cfg: ServeConfig, source: Image.Image 
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request("'prompt' must be a non-empty string", "prompt")
     check_model(body, cfg.model_name)
+    route = "/v1/images/edits" if source is not None else "/v1/images/generations"
+    _known({k: v for k, v in body.items() if source is not None or k != "strength"}, IMAGE_KEYS, IMAGE_NEUTRAL, route)
+    if source is None and "strength" in body:
+        raise bad_request("'strength' is an edit's parameter (/v1/images/edits)", "strength",
+                          code="unsupported_parameter")
+    if len(prompt) > cfg.max_prompt_chars:
+        raise bad_request(f"the prompt is {len(prompt)} characters, over this server's limit of "
+                          f"{cfg.max_prompt_chars}", "prompt", code="context_length_exceeded")
     n = _integer(body, "n", 1, 1, cfg.max_n, limit_code="n_too_large")
     size = body.get("size")
     valid = f"{pipe.image_size}x{pipe.image_size}"
