@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("quantize", "cheers.quantize:main", "quantize a checkpoint's LLM to 2 bits"),
             ("train", "cheers.train.__main__:main", "train from a YAML recipe with dotted overrides"),
             ("export", "cheers.train.__main__:export_main", "export a training checkpoint as a model folder"),
+            ("data", "cheers.data_cli:main", "pack or check training data written as JSONL + image files"),
             ("serve", "cheers.serve.cli:main", "serve a checkpoint over HTTP")):
         p = sub.add_parser(name, help=summary, add_help=False)
         p.set_defaults(fn=None, module=module)

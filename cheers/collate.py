@@ -64,9 +64,11 @@ class Collator:
                 # which trains the image alone
                 ids, labels = null_prompt(ids, cfg), [IGNORE] * len(labels)
             return expand_placeholders(ids, labels, cfg, [sample.image], [True])
-        if sample.task == "i2t":
-            ids, labels = tok.i2t_chat_sample(_turns(sample.conversations), policy=self.policy)
-            return expand_placeholders(ids, labels, cfg, [sample.image], [False])
+        if sample.task == "i2t":  # every image opens the first user turn
+            images = sample.images
+            ids, labels = tok.i2t_chat_sample(_turns(sample.conversations), policy=self.policy,
+                                              n_images=len(images))
+            return expand_placeholders(ids, labels, cfg, images, [False] * len(images))
         if sample.task == "text":
             ids, labels = tok.text_sample(sample.text)
             return expand_placeholders(ids, labels, cfg, [])

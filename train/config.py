@@ -165,9 +165,16 @@ class DataConfig:
     ``shards`` entries are local paths with brace patterns (``data/t2i-{000..127}.tar``)
     or globs. A task listed in ``task_shards`` reads only those shards (cheaper than
     filtering mixed shards: each enabled task scans the shards it reads).
+
+    ``jsonl``: JSONL files in the ``cheers data`` format (``cheers.data_format.SCHEMA``), read
+    directly beside ``shards`` (either may be empty): checked at start-up as ``cheers data
+    check`` checks them, bad lines logged and left out; images whose short side is below
+    ``min_image_side`` pixels count as bad.
     """
 
     shards: list[str] = field(default_factory=list)
+    jsonl: list[str] = field(default_factory=list)
+    min_image_side: int = 32
     task_shards: dict[str, list[str]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "i2t": 0.0, "text": 0.0})
     image_size: int | None = None  # None: model.tokenizer.image_size
@@ -195,6 +202,10 @@ class DataConfig:
                 raise ConfigError(f"data.task_shards.{name} must be a list of paths, got {value!r}")
         if self.num_streams < 0 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ConfigError("data.num_streams, data.num_workers, data.shuffle_buffer must be >= 0")
+        if not isinstance(self.jsonl, list) or not all(isinstance(v, str) and v for v in self.jsonl):
+            raise ConfigError(f"data.jsonl must be a list of JSONL paths, got {self.jsonl!r}")
+        if self.min_image_side < 0:
+            raise ConfigError(f"data.min_image_side must be >= 0, got {self.min_image_side}")
 
     def shards_for(self, task: str) -> list[str]:
         """The shard patterns the stream of ``task`` reads."""

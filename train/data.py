@@ -16,10 +16,14 @@ holds the same samples on any number of ranks.
 Every position is a handful of integers plus the sampler's RNG state, attached to each
 sample as it is read, so ``state_dict()`` is the position right after the last sample
 handed out, whatever the decode threads have read ahead. Shards are local tar files read
-with ``tarfile`` (random access inside a shard keeps the shuffle window cheap to rebuild).
+with ``tarfile`` (random access inside a shard keeps the shuffle window cheap to rebuild);
+``data.jsonl`` files are checked at start-up and read as slices with a shard's interface
+(``train/jsonl.py``).
 
-Schema (DESIGN section 5): ``{key}.png|jpg|jpeg|webp`` + ``{key}.json`` with ``task``
-(``t2i`` | ``i2t`` | ``text``), ``text``, ``conversations`` (i2t), ``width``, ``height``.
+Record: ``{key}.png|jpg|jpeg|webp`` + ``{key}.json`` with ``task`` (``t2i`` | ``i2t`` |
+``text``), ``text``, ``conversations`` (i2t), ``width``, ``height``; a chat about several
+images names its members in ``images`` (``{key}.0.png``, ``{key}.1.jpg``, ...).
+``cheers data pack`` writes such shards from JSONL (``cheers.data_format``).
 A malformed record, an undecodable image or an unreadable shard is skipped, counted by
 reason and logged; it never stops the run.
 """
@@ -44,6 +48,7 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 
+from cheers.data_format import TarShard, image_members
 from cheers.errors import InputError
 from cheers.images import square_tensor
 
@@ -51,7 +56,6 @@ from .config import TASKS, DataConfig
 
 log = logging.getLogger("cheers.train.data")
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 SKIP_REASONS = ("bad_json", "bad_fields", "missing_image", "bad_image", "bad_shard")
 _LOG_FIRST = 10  # per reason, then every _LOG_EVERY-th, so a bad shard cannot flood the log
 _LOG_EVERY = 1000
@@ -67,7 +71,8 @@ class RawSample:
     """One decoded sample, before tokenisation.
 
     ``image`` is ``[3, H, W]`` float in [0, 1] at the configured resolution, ``None`` for
-    text samples. ``conversations`` are the i2t turns (``[{"from"|"role": .., "value"|"content": ..}]``).
+    text samples; ``extra_images`` the further images of a chat about several, same shape.
+    ``conversations`` are the i2t turns (``[{"from"|"role": .., "value"|"content": ..}]``).
     """
 
     key: str
@@ -75,6 +80,12 @@ class RawSample:
     text: str
     conversations: list[dict]
     image: torch.Tensor | None
+    extra_images: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[torch.Tensor]:
+        """Every image in order (none for text samples)."""
+        return [] if self.image is None else [self.image, *self.extra_images]
 
 
 # --------------------------------------------------------------------------- shard lists
@@ -103,37 +114,22 @@ def expand_shards(patterns: list[str], what: str = "data.shards") -> list[str]:
     return paths
 
 
-class _Shard:
-    """Index of one tar shard: its samples in file order as ``(key, {ext: TarInfo})``.
-
-    Members are grouped WebDataset-style: the key is the path up to the first dot of the
-    file name, the extension the rest, lower-cased.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tar = tarfile.open(path, "r:")
-        self.samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-        for info in self.tar.getmembers():
-            if not info.isfile():
+def read_shard_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, record)`` of every sample with a ``.json`` member in one shard, in file order,
+    read with the training loader's shard index. A ``.json`` that is not JSON raises DataError
+    naming the shard and the sample."""
+    shard = TarShard(str(path))
+    try:
+        for key, members in shard.samples:
+            if "json" not in members:
                 continue
-            dirname, base = os.path.split(info.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = os.path.join(dirname, stem)
-            if not self.samples or self.samples[-1][0] != key:
-                self.samples.append((key, {}))
-            self.samples[-1][1][ext.lower()] = info
-
-    def read(self, info: tarfile.TarInfo) -> bytes:
-        f = self.tar.extractfile(info)
-        if f is None:
-            raise OSError(f"{self.path}: {info.name} is not a regular file")
-        return f.read()
-
-    def close(self) -> None:
-        self.tar.close()
+            try:
+                record = json.loads(shard.read(members["json"]))
+            except ValueError as e:
+                raise DataError(f"{path}: sample {key!r} has a .json member that is not JSON ({e})") from None
+            yield key, record
+    finally:
+        shard.close()
 
 
 # --------------------------------------------------------------------------- records
@@ -152,8 +148,8 @@ class _Record:
     shard: str
     task: str
     meta: dict[str, Any]
-    image_info: tarfile.TarInfo | None = None  # the image member, read when handed out
-    image_bytes: bytes | None = None
+    image_infos: list[Any] = field(default_factory=list)  # the image members, read when handed out
+    image_bytes: list[bytes] = field(default_factory=list)
     skip: tuple[str, str] | None = None  # (reason, detail) when the record itself is unusable
     skips: list[tuple[str, str, str, str]] = field(default_factory=list)
     state: dict[str, Any] | None = None
@@ -196,7 +192,7 @@ class _TaskStream:
 
     def __init__(self, task: str, paths: list[str], *, stream: int, num_streams: int,
                  seed: int, window: int, shuffle_shards: bool, reports_unknown: bool,
-                 what: str):
+                 what: str, sources: dict[str, Any] | None = None):
         if len(paths) < num_streams:
             raise DataError(
                 f"{what}: {len(paths)} shard(s) for {num_streams} data streams; every stream "
@@ -207,6 +203,7 @@ class _TaskStream:
         # several tasks may read the same shards: only one counts bad JSON and bad shards
         self.reports_unknown = reports_unknown
         self.what = what
+        self.sources = sources or {}  # shard-like slices of data.jsonl files, by their path
         self.task_id = TASKS.index(task)
         self.epoch = self.shard = self.sample = self.window = self.offset = 0
         self._order: list[str] | None = None
@@ -215,7 +212,7 @@ class _TaskStream:
         self._carry: list[tuple[str, str, str, str]] = []  # skips of windows with no record
         self._next_start = (0, 0)
         self._usable_this_epoch = 0
-        self._open: collections.OrderedDict[str, _Shard | None] = collections.OrderedDict()
+        self._open: collections.OrderedDict[str, TarShard | None] = collections.OrderedDict()
 
     # -- position
     def state_dict(self) -> dict[str, int]:
@@ -244,13 +241,13 @@ class _TaskStream:
             self._order = [self.paths[i] for i in mine]
         return self._order
 
-    def _shard(self, path: str, skips: list) -> _Shard | None:
+    def _shard(self, path: str, skips: list) -> TarShard | None:
         """The open shard (a few stay open for the window), None when unreadable."""
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
         try:
-            shard: _Shard | None = _Shard(path)
+            shard: TarShard | None = self.sources[path] if path in self.sources else TarShard(path)
         except (tarfile.TarError, OSError, EOFError) as e:
             if self.reports_unknown:
                 skips.append(("bad_shard", path, "", f"{type(e).__name__}: {e}"))
@@ -290,7 +287,7 @@ class _TaskStream:
         self._pending_skips = self._carry + skips if self.offset == 0 else []
         self._carry = []
 
-    def _record(self, shard: _Shard, key: str, members: dict[str, tarfile.TarInfo],
+    def _record(self, shard: TarShard, key: str, members: dict[str, tarfile.TarInfo],
                 skips: list) -> _Record | None:
         """The record of ``key`` if it belongs to this task; bad JSON is noted in ``skips``."""
         if "json" not in members:
@@ -313,12 +310,12 @@ class _TaskStream:
         problem = _check_meta(meta)
         if problem is not None:
             rec.skip = ("bad_fields", problem)
-        elif self.task != "text":
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if ext is None:
-                rec.skip = ("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
+        else:
+            names = image_members(meta, members)
+            if isinstance(names, str):
+                rec.skip = ("missing_image", names)
             else:
-                rec.image_info = members[ext]
+                rec.image_infos = [members[n] for n in names]
         return rec
 
     def next(self) -> _Record:
@@ -332,7 +329,7 @@ class _TaskStream:
                 rec.skips, self._pending_skips = self._pending_skips, []
                 if rec.skip is None:
                     self._usable_this_epoch += 1
-                if rec.skip is None and rec.image_info is not None:
+                if rec.skip is None and rec.image_infos:
                     self._read_image(rec)
                 return rec
             # window used up: move on, or start the next epoch
@@ -357,7 +354,7 @@ class _TaskStream:
             rec.skip = ("bad_shard", "the shard became unreadable")
             return
         try:
-            rec.image_bytes = shard.read(rec.image_info)
+            rec.image_bytes = [shard.read(info) for info in rec.image_infos]
         except (OSError, tarfile.TarError) as e:
             rec.skip = ("bad_image", f"{type(e).__name__}: {e}")
 
@@ -375,7 +372,7 @@ class _MixedStream:
     """One logical stream: a seeded sampler picks each sample's task by ``ratios``."""
 
     def __init__(self, cfg: DataConfig, stream: int, num_streams: int, seed: int,
-                 shard_lists: dict[str, list[str]]):
+                 shard_lists: dict[str, list[str]], sources: dict[str, Any] | None = None):
         self.stream = stream
         total = sum(cfg.ratios.get(t, 0.0) for t in TASKS)
         self.tasks = [t for t in TASKS if cfg.ratios.get(t, 0.0) > 0]
@@ -388,11 +385,13 @@ class _MixedStream:
             # the first task reading a shard list reports its unreadable JSON
             reports = tuple(paths) not in reporters
             reporters.add(tuple(paths))
-            what = f"data.task_shards.{task}" if task in cfg.task_shards else "data.shards"
+            sources_named = [n for n, v in (("data.shards", cfg.shards), ("data.jsonl", cfg.jsonl)) if v]
+            what = f"data.task_shards.{task}" if task in cfg.task_shards else \
+                " + ".join(sources_named) or "data.shards"
             self.streams[task] = _TaskStream(
                 task, paths, stream=stream, num_streams=num_streams, seed=seed,
                 window=cfg.shuffle_buffer, shuffle_shards=cfg.shuffle_shards,
-                reports_unknown=reports, what=what)
+                reports_unknown=reports, what=what, sources=sources)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": copy.deepcopy(self.rng.bit_generator.state),
@@ -437,14 +436,13 @@ def _decode(rec: _Record, size: int) -> RawSample | tuple[str, str]:
     """A RawSample, or ``(reason, detail)`` when the record cannot be used."""
     if rec.skip is not None:
         return rec.skip
-    image = None
-    if rec.image_bytes is not None:
-        try:
-            image = load_image(rec.image_bytes, size)
-        except Exception as e:  # PIL raises many types on bad data; all mean "skip it"
-            return ("bad_image", f"{type(e).__name__}: {e}")
+    try:
+        images = [load_image(data, size) for data in rec.image_bytes]
+    except Exception as e:  # PIL raises many types on bad data; all mean "skip it"
+        return ("bad_image", f"{type(e).__name__}: {e}")
     return RawSample(key=rec.key, task=rec.task, text=rec.meta.get("text", ""),
-                     conversations=list(rec.meta.get("conversations", [])), image=image)
+                     conversations=list(rec.meta.get("conversations", [])),
+                     image=images[0] if images else None, extra_images=images[1:])
 
 
 class _StreamReader:
@@ -486,30 +484,56 @@ class SampleLoader:
     them round-robin. ``state_dict()`` is the position after the last sample returned;
     ``load_state_dict`` continues with exactly the samples that would have come next.
     ``skipped`` counts skipped records by reason (part of the state).
+
+    ``data.jsonl`` files are checked here (``train/jsonl.py``; with ``model``, a ``ModelConfig``,
+    and ``data.text_tokenizer_dir`` their token lengths too) and read beside ``data.shards``.
     """
 
     def __init__(self, cfg: DataConfig, *, image_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, model: Any = None):
         self.num_streams = cfg.num_streams or world_size
         if self.num_streams % world_size:
             raise DataError(
                 f"data.num_streams={self.num_streams} is not a multiple of the world size "
                 f"{world_size}: every rank must read the same number of streams"
             )
-        shard_lists = {t: expand_shards(cfg.shards_for(t),
-                                        f"data.task_shards.{t}" if t in cfg.task_shards else "data.shards")
-                       for t in TASKS if cfg.ratios.get(t, 0.0) > 0}
+        sources = self._jsonl_sources(cfg, model, report=rank == 0) if cfg.jsonl else {}
+        shard_lists = {}
+        for t in TASKS:
+            if cfg.ratios.get(t, 0.0) <= 0:
+                continue
+            if t in cfg.task_shards:
+                shard_lists[t] = expand_shards(cfg.task_shards[t], f"data.task_shards.{t}")
+            else:  # data.shards (which may be empty beside data.jsonl), then the JSONL slices
+                tars = expand_shards(cfg.shards, "data.shards") if cfg.shards or not sources else []
+                shard_lists[t] = tars + list(sources)
         self.stream_ids = list(range(rank, self.num_streams, world_size))
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="decode") \
             if cfg.num_workers > 0 else None
         depth = 2 * cfg.num_workers
-        self.mixed = {s: _MixedStream(cfg, s, self.num_streams, seed, shard_lists)
+        self.mixed = {s: _MixedStream(cfg, s, self.num_streams, seed, shard_lists, sources)
                       for s in self.stream_ids}
         self.readers = {s: _StreamReader(m, image_size, self.pool, depth)
                         for s, m in self.mixed.items()}
         self.positions = {s: m.state_dict() for s, m in self.mixed.items()}
         self.rr = 0  # index into stream_ids of the next stream to read
         self.skipped: collections.Counter[str] = collections.Counter()
+
+    def _jsonl_sources(self, cfg: DataConfig, model: Any, report: bool) -> dict[str, Any]:
+        from cheers.data_format import LengthMeter
+
+        from .jsonl import jsonl_slices
+
+        meter = None
+        if model is not None and cfg.text_tokenizer_dir:
+            from cheers.text_tokenizer import TextTokenizer
+
+            meter = LengthMeter(model, TextTokenizer.from_dir(cfg.text_tokenizer_dir))
+        try:
+            return jsonl_slices(cfg.jsonl, num_streams=self.num_streams, min_side=cfg.min_image_side,
+                                meter=meter, workers=max(1, cfg.num_workers), report=report)
+        except InputError as e:
+            raise DataError(str(e)) from None
 
     def __iter__(self) -> Iterator[RawSample]:
         while True:

@@ -130,7 +130,7 @@ class Trainer:
 
         # data first: a missing shard should fail before minutes of model building
         self.loader = SampleLoader(cfg.data, image_size=cfg.image_size, rank=env.rank,
-                                   world_size=env.world_size, seed=tc.seed)
+                                   world_size=env.world_size, seed=tc.seed, model=cfg.model)
         try:
             self._setup(task)
         except BaseException:
