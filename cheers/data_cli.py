@@ -26,7 +26,7 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (overrides the config's)")
     p.add_argument("--min-side", type=non_negative_int, default=None,
                    help="images whose short side is below this many pixels are refused (default 32)")
-    p.add_argument("--max-issues", type=positive_int, default=50, help="issues printed per kind (default 50)")
+    p.add_argument("--max-issues", type=positive_int, default=20, help="issues printed per kind (default 20)")
 
 
 def _meter_and_min_side(args):
