@@ -243,7 +243,7 @@ def _turns(conversations: Any, n_images: int, where: str) -> tuple[list[dict], l
             raise BadSample("bad_field", f"conversations[{i}] ({role}) is empty")
         turns.append({"from": speaker, "value": value})
     if turns[-1]["from"] != "gpt":
-        raise BadSample("bad_field", "the chat ends with a user turn; its last turn must be the assistant's answer")
+        raise BadSample("bad_field", "the chat does not end with an assistant turn (its answer)")
     first = next(t for t in turns if t["from"] == "human")
     marks = [t["value"].count("<image>") for t in turns]
     if sum(marks) == 0:
@@ -475,7 +475,7 @@ class Scan:
             for name, row in table.items():
                 lines.append(f"    {name:5s} p50 {row['p50']:6d}  p90 {row['p90']:6d}  p99 {row['p99']:6d}  "
                              f"max {row['max']:6d}  over {row['over']}")
-        else:
+        elif self.max_seq_len is None:
             lines.append("  tokens per sample: not measured (give a tokenizer and a model config)")
         return "\n".join(lines)
 

@@ -172,7 +172,7 @@ def test_bad_lines_are_reported_by_line_and_the_rest_packed(good, tmp_path, caps
     ({"task": "i2t", "image": "a.png", "conversations": [{"role": "assistant", "content": "hi"}]},
      "bad_field", "where a user turn belongs"),
     ({"task": "i2t", "image": "a.png", "conversations": [{"role": "user", "content": "q"}]},
-     "bad_field", "ends with a user turn"),
+     "bad_field", "does not end with an assistant turn"),
     ({"task": "i2t", "image": "a.png", "conversations": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
         {"role": "user", "content": "<image> q2"}, {"role": "assistant", "content": "a2"}]},
@@ -266,3 +266,33 @@ def test_bad_arguments_and_configs_are_refused(good, tmp_path, capsys):
         load_run_config(None, ["data.jsonll=['x.jsonl']"])
     with pytest.raises(ConfigError, match="data.jsonl"):
         load_run_config(None, ["data.jsonl=x.jsonl"])
+
+
+def test_check_names_bad_records_of_any_shard(tmp_path, capsys):
+    """Shards not written by `pack` are checked record by record too: each problem names the
+    shard and key; a manifest whose counts differ from the shards is noted."""
+    import webdataset as wds
+
+    png = tmp_path / "x.png"
+    _image(png, "red")
+    good = {"task": "i2t", "text": "", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                         {"from": "gpt", "value": "a"}]}
+    records = [("k0", good, {"png": png.read_bytes()}),
+               ("k1", {"task": "i2t", "text": "a caption only"}, {"png": png.read_bytes()}),
+               ("k2", {"task": "t2i", "text": "a red square"}, {}),
+               ("k3", {**good, "images": ["0.png", "1.png"]}, {"0.png": png.read_bytes()}),
+               ("k4", {"task": "t2i", "text": "x"}, {"jpg": b"not a jpeg"})]
+    with wds.TarWriter(str(tmp_path / "s-000.tar"), encoder=False) as sink:
+        for key, meta, images in records:
+            sink.write({"__key__": key, "json": json.dumps(meta).encode(), **images})
+        sink.write({"__key__": "k5", "json": b'{"task": '})
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": ["s-000.tar"], "tasks": {"i2t": 3}}))
+    scan = scan_shards(tmp_path)
+    assert scan.counts() == {"t2i": 0, "i2t": 1, "text": 0}
+    assert [(i.where, i.reason) for i in scan.problems] == [
+        ("s-000.tar:k1", "bad_field"), ("s-000.tar:k2", "missing_image"), ("s-000.tar:k3", "missing_image"),
+        ("s-000.tar:k4", "bad_image"), ("s-000.tar:k5", "bad_json")]
+    assert "the manifest counts 3 i2t samples; the shards hold 1 usable" in scan.report()
+    with pytest.raises(SystemExit) as e:  # a single .tar is checked the same way
+        cli_main(["data", "check", str(tmp_path / "s-000.tar")])
+    assert e.value.code == 1 and "s-000.tar:k3: missing_image: no '1.png' member" in capsys.readouterr().out
