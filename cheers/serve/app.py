@@ -49,6 +49,8 @@ from cheers.serve.validation import (
     parse_chat,
     parse_image_request,
     parse_json,
+    separators,
+    too_complex,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -293,22 +295,35 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
+    def queued(put) -> None:
+        """``put()`` (the scheduler's room check or submit), a full queue answered with a 429."""
+        try:
+            put()
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from e
+
     def admit(request: Request, media_type: str) -> None:
         """Refusals that cost nothing, before the body is read: its media type, the queue's room."""
         got = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if got != media_type:
             raise APIError(415, f"this route takes Content-Type {media_type}, got {got or 'none'!r}",
                            code="unsupported_media_type")
-        try:
-            scheduler.room()
-        except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from e
+        queued(scheduler.room)
+
+    async def json_body(request: Request) -> bytes:
+        """The body, its separators counted chunk by chunk as it arrives: one with too many is
+        refused without being joined or parsed (and read to its end, so the client hears why)."""
+        chunks, count = [], 0
+        async for chunk in request.stream():
+            count += separators(chunk)
+            if count <= cfg.max_json_values:
+                chunks.append(chunk)
+        if count > cfg.max_json_values:
+            raise too_complex(count, cfg.max_json_values)
+        return b"".join(chunks)
 
     def submit(job: Job) -> None:
-        try:
-            scheduler.submit(job)
-        except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from e
+        queued(lambda: scheduler.submit(job))
 
     def model_card() -> dict:
         return {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "cheers"}
@@ -346,8 +361,8 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat(request: Request):
         admit(request, "application/json")
-        raw = await request.body()
-        req = await run_in_threadpool(lambda: parse_chat(parse_json(raw, cfg.max_json_values), pipe, cfg))
+        raw = await json_body(request)
+        req = await run_in_threadpool(lambda: parse_chat(parse_json(raw), pipe, cfg))
         job = scheduler.chat_job(asyncio.get_running_loop(), req)
         submit(job)
         cid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
@@ -437,8 +452,8 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
     @v1.post("/images/generations")
     async def generations(request: Request):
         admit(request, "application/json")
-        raw = await request.body()
-        req = await run_in_threadpool(lambda: parse_image_request(parse_json(raw, cfg.max_json_values), pipe, cfg))
+        raw = await json_body(request)
+        req = await run_in_threadpool(lambda: parse_image_request(parse_json(raw), pipe, cfg))
         return await images_response(request, req, settings(req))
 
     @v1.post("/images/edits")

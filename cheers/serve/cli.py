@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-n", type=positive_int, default=d.max_n, help="limit of the images per request")
     ap.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels)
     ap.add_argument("--max-body-mb", type=number(0, low_open=True), default=d.max_body_bytes / 2**20)
+    ap.add_argument("--request-timeout", type=number(0, low_open=True), default=None,
+                    help="seconds a request may take from arrival to its answer's end; then 504 (default: no limit)")
+    ap.add_argument("--limit-concurrency", type=positive_int, default=256,
+                    help="open connections and requests at once before uvicorn answers 503")
+    ap.add_argument("--graceful-shutdown-timeout", type=number(0), default=30.0,
+                    help="on SIGTERM, seconds the running requests get to finish (new ones get 503)")
+    ap.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
+                    help="names the Host header may carry, '*' for any (default: the bound address and "
+                         "localhost; guards against DNS rebinding)")
+    ap.add_argument("--cors-origin", nargs="+", default=(), metavar="ORIGIN",
+                    help="web origins allowed to call the API from a browser (default: none)")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
@@ -52,15 +63,24 @@ def main(argv: list[str] | None = None) -> None:
                       model_name=args.model_name or ckpt.resolve().name, queue_size=args.queue_size,
                       max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_tokens=args.max_tokens,
                       max_n=args.max_n, max_image_pixels=args.max_image_pixels,
-                      max_body_bytes=int(args.max_body_mb * 2**20))
+                      max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout,
+                      allowed_hosts=tuple(args.allowed_hosts) if args.allowed_hosts else None,
+                      cors_origins=tuple(args.cors_origin))
     import uvicorn
 
-    from cheers.serve.app import create_app
+    from cheers.serve.app import Server, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if cfg.host not in LOOPBACK and cfg.api_key is None:
         logging.getLogger("cheers.serve").warning(
             "serving on %s without an API key: anyone who reaches this address can use the model", cfg.host)
+    if cfg.host in ("0.0.0.0", "::") and args.allowed_hosts is None:
+        logging.getLogger("cheers.serve").warning(
+            "bound to every address, but only Host headers %s are answered: name this machine's with --allowed-hosts",
+            "/".join(sorted(cfg.host_names())))
     pipe = Pipeline.from_pretrained(ckpt, device=args.device)
     print(f"cheers serve: {cfg.model_name} ({ckpt}) on http://{cfg.host}:{cfg.port}/", flush=True)
-    uvicorn.run(create_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level=args.log_level)
+    Server(uvicorn.Config(create_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level=args.log_level,
+                          limit_concurrency=args.limit_concurrency,
+                          timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+                          access_log=False)).run()  # the app logs each request as one JSON line

@@ -179,16 +179,13 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` when ``queue_size`` requests wait or run."""
         with self._cond:
-            if (refused := self.unavailable()) is not None:
-                raise refused
-            if len(self._pending) + len(self._rows) + self._sampling >= self.cfg.queue_size:
-                self.stats["rejected"] += 1
-                raise QueueFull(max(1, math.ceil(self._job_seconds)))
+            self.room()
             self._pending.append(job)
             self._cond.notify()
 
     def room(self) -> None:
-        """Raises the refusal ``submit`` would give now, so a request is refused before any work."""
+        """Raises the refusal ``submit`` would give now (503, :class:`QueueFull`), so a request
+        can be refused before any work is done for it."""
         with self._cond:
             if (refused := self.unavailable()) is not None:
                 raise refused

@@ -144,16 +144,21 @@ def _known(body: dict, keys: set[str], neutral: dict, route: str) -> None:
                               code="unsupported_parameter")
 
 
-def parse_json(raw: bytes, max_values: int) -> dict:
-    """A request body -> its JSON object, refusing cheaply what would be costly to parse: more
-    than ``max_values`` separators (``,`` ``[`` ``{``), nesting deeper than ``JSON_DEPTH``."""
+def separators(chunk: bytes) -> int:
+    """JSON's separators in ``chunk`` (``,`` ``[`` ``{``, strings' included): a cheap upper bound
+    on the values a body holds, counted as it arrives."""
+    return chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+
+
+def too_complex(count: int, limit: int) -> APIError:
+    return bad_request(f"the request body holds {count} JSON separators (',', '[', '{{'), over this server's "
+                       f"limit of {limit}", code="json_too_complex")
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body -> its JSON object; nesting deeper than ``JSON_DEPTH`` is refused."""
     if not raw:
         raise bad_request("the request body is empty; expected a JSON object", code="invalid_json")
-    separators = raw.count(b",")
-    separators += raw.count(b"[") + raw.count(b"{")
-    if separators > max_values:
-        raise bad_request(f"the request body holds {separators} JSON separators (',', '[', '{{'), over this "
-                          f"server's limit of {max_values}", code="json_too_complex")
     try:
         body = json.loads(raw)
     except RecursionError as e:
