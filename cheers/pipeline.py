@@ -66,12 +66,22 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        text_tokenizer: str | Path | None = None) -> Pipeline:
+                        text_tokenizer: str | Path | None = None, lora: str | Path | None = None) -> Pipeline:
+        """Load a checkpoint folder; ``lora``: an adapter folder (``cheers export`` of a LoRA run)
+        applied on top without merging."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {path}")
+        if lora is not None and not Path(lora).is_dir():
+            raise CheckpointError(f"LoRA folder not found: {lora}")
         tok = TextTokenizer.from_dir(text_tokenizer or path)
         model = load_pretrained(path, device=device, dtype=dtype, tokens=tok.special)
+        if lora is not None:
+            from cheers.config import to_dict
+            from cheers.lora import load_adapter
+
+            load_adapter(model, lora, model_config=to_dict(model.cfg))
+            model.to(device=device, dtype=dtype).eval()
         return cls(model, tok)
 
     @property

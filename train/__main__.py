@@ -63,13 +63,16 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")
     args = parser.parse_args(argv)
+    parser.add_argument("--merge", action="store_true",
+                        help="a LoRA run: fold the adapters into the base and write a plain checkpoint "
+                             "(default: the adapter folder that --lora reads)")
     if not Path(args.checkpoint).is_dir():
         parser.error(f"checkpoint folder not found: {args.checkpoint}")
     _setup_logging()
     from .checkpoint import export
 
     try:
-        export(args.checkpoint, args.out, ema=args.ema)
+        export(args.checkpoint, args.out, ema=args.ema, merge=args.merge)
     except CheersError as e:
         logging.getLogger("cheers.train").error("%s: %s", type(e).__name__, e)
         return 2

@@ -115,8 +115,15 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # --------------------------------------------------------------------------- save / load
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+           trained_only: bool = False) -> dict[str, Any]:
+    if trained_only:  # a LoRA run: the frozen base comes from train.init_from, not the checkpoint
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        trained = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trained}  # frozen buffers too
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -128,7 +135,8 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module,
                     run_cfg: RunConfig, env: DistEnv, keep_last: int, meta: dict[str, Any]) -> Path:
     """Write checkpoint ``step`` atomically and drop all but the newest ``keep_last``.
 
-    Every rank calls this. ``rank_state`` is this rank's own (data position, RNG).
+    Every rank calls this. ``rank_state`` is this rank's own (data position, RNG). A LoRA run
+    (``run_cfg.lora.enabled``) saves only the parameters that train.
     """
     final = step_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -136,7 +144,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    dcp.save(_state(model, optimizer, ema, run_cfg.lora.enabled), checkpoint_id=str(tmp))
     torch.save(rank_state, tmp / f"rank{env.rank:05d}.pt")
     barrier()
     if env.is_main:
@@ -196,7 +204,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     """
     path = resolve_checkpoint(path)
     meta = json.loads((path / "trainer.json").read_text())
-    state = _state(model, optimizer, ema)
+    state = _state(model, optimizer, ema, run_cfg.lora.enabled)
     _check_fits(path, state["model"], run_cfg)
     saved_keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     if ema is not None and not any(k.startswith("ema.") for k in saved_keys):
@@ -209,7 +217,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
             f"cannot load {path}: {e}. The optimizer state must match train.trainable of the "
             "run that wrote it; to start a new stage from it, export it and use train.init_from"
         ) from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not run_cfg.lora.enabled))
     if ema is not None:
         if "ema" in state:
             ema.load_state_dict(state["ema"])
@@ -252,15 +261,22 @@ def full_state_from_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[
     return run, weights
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False) -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, merge: bool = False) -> Path:
     """Write ``out_dir/config.json`` (the ModelConfig) + ``model.safetensors`` (or shards).
 
     The layout of ``cheers.checkpoint.save_pretrained``: a tied ``lm_head`` is left out,
-    ``cheers.checkpoint.load_pretrained`` and ``train.init_from`` read the folder.
+    ``cheers.checkpoint.load_pretrained`` and ``train.init_from`` read the folder. A LoRA run
+    exports its adapter folder (``cheers.lora``), or with ``merge`` the base with the adapters
+    folded in, as a plain folder.
     """
     from cheers.safetensors_io import write_json, write_state_dict
 
     run, weights = full_state_from_checkpoint(checkpoint, ema=ema)
+    if run.get("lora", {}).get("enabled"):
+        return _export_lora(run, weights, Path(out_dir), merge=merge, source=str(checkpoint))
+    if merge:
+        raise CheckpointError(f"{checkpoint} is not a LoRA run (lora.enabled is false): --merge has "
+                              "no adapters to merge")
     head, embed = weights.get("llm.lm_head.weight"), weights.get("llm.embed_tokens.weight")
     if head is not None and embed is not None and torch.equal(head, embed):
         del weights["llm.lm_head.weight"]  # tied: the loader ties it again
@@ -277,6 +293,44 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False) ->
     write_state_dict(weights, out, max_shard_bytes=5 * 2**30)
     write_json(config, out / "config.json")
     log.info("exported %s (%d tensors%s) to %s", checkpoint, len(weights), ", EMA" if ema else "", out)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Path, *, merge: bool,
+                 source: str) -> Path:
+    """A LoRA run's export: its base model (``train.init_from`` / ``lcqat.init``) with the
+    checkpoint's adapters and fully-trained tensors, written as an adapter folder or merged."""
+    from cheers import lora
+    from cheers.checkpoint import load_pretrained, save_pretrained
+
+    base = run["train"].get("init_from") or run.get("lcqat", {}).get("init")
+    if base is None or not Path(base).is_dir():
+        raise CheckpointError(f"{source}: the LoRA run's base model {base!r} (train.init_from) is not a "
+                              "folder; the adapters can only be exported with the base they were trained on")
+    model = load_pretrained(base)
+    diff = _config_diff(to_dict(model.cfg), run["model"])
+    if diff:
+        raise CheckpointError(f"{source}: the base {base} differs from the run's model config: {'; '.join(diff[:4])}")
+    spec = run["lora"]
+    cfg = lora.peft_config(rank=spec["rank"], alpha=spec["alpha"], dropout=spec["dropout"], target=spec["target"])
+    lora.add_adapters(model, cfg)
+    missing = sorted(set(lora.adapter_shapes(model)) - set(weights))
+    if missing:
+        raise CheckpointError(f"{source} lacks adapter tensors the run's lora section implies: {missing[:3]}")
+    lora.load_into(model, weights, source=source)
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        save_pretrained(lora.merge_adapters(model), out)
+        for name in TOKENIZER_FILES:  # a folder inference loads alone
+            if (Path(base) / name).is_file():
+                shutil.copy(Path(base) / name, out / name)
+    else:
+        trained = {k: v for k, v in weights.items() if not lora.is_adapter_name(k)}
+        lora.save_adapter(model, out, cfg=cfg, trained=trained, base_config=to_dict(model.cfg), base=str(base))
+    log.info("exported %s (LoRA, %s) to %s", source, "merged" if merge else "adapters", out)
     return out
 
 

@@ -242,6 +242,56 @@ class LCQATConfig:
 
 
 @dataclass(kw_only=True)
+def _default_lora_targets() -> list[str]:
+    from cheers.lora import DEFAULT_TARGETS
+
+    return list(DEFAULT_TARGETS)
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """LoRA fine-tuning through ``peft`` (``cheers.lora``): low-rank adapters on the layers whose
+    module names match ``target`` (``fnmatch`` globs; default: the LLM's attention and MLP
+    projections), scaled by ``alpha / rank``, with ``dropout`` on their input.
+
+    With ``enabled`` every other parameter is frozen except those matching ``train_fully``
+    (``train.trainable`` syntax, e.g. ``["head"]`` for the flow head); ``train.trainable`` must
+    stay unset. The base weights come from ``train.init_from`` (or ``lcqat.init``) and are not
+    saved: checkpoints hold the adapters, the fully-trained tensors and the optimizer state.
+    """
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: list[str] = field(default_factory=_default_lora_targets)
+    train_fully: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target or not all(isinstance(t, str) and t for t in self.target):
+            raise ConfigError(f"lora.target must be a non-empty list of module-name patterns, got {self.target!r}")
+        if not all(isinstance(t, str) and t and not t.startswith("!") for t in self.train_fully):
+            raise ConfigError(f"lora.train_fully must list parameter-name patterns, got {self.train_fully!r}")
+
+    def peft(self):
+        """peft's ``LoraConfig`` of these settings."""
+        from cheers.lora import peft_config
+
+        return peft_config(rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target)
+
+    def trainable(self) -> list[str]:
+        """What trains, as ``train.trainable`` patterns: the adapters and ``train_fully``."""
+        from cheers.lora import ADAPTER_PATTERNS
+
+        return [*ADAPTER_PATTERNS, *self.train_fully]
+
+
 class RunConfig:
     """Everything one run needs: model, training and data configs (and optional LC-QAT)."""
 
@@ -250,9 +300,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lcqat: LCQATConfig = field(default_factory=LCQATConfig)
 
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     def __post_init__(self) -> None:
         lc = self.lcqat
         if lc.enabled and lc.distill_weight > 0 and (lc.teacher or self.train.init_from) is None:
+        if self.lora.enabled:
+            if self.train.trainable != ["*"]:
+                raise ConfigError(f"train.trainable={self.train.trainable} with lora.enabled: what trains is "
+                                  "the adapters plus lora.train_fully; leave train.trainable unset")
+            if self.train.init_from is None and not (lc.enabled and lc.init is not None):
+                raise ConfigError("lora.enabled needs the base model to adapt: set train.init_from "
+                                  "(or lcqat.init for a 2-bit base)")
             raise ConfigError("lcqat.distill_weight > 0 needs a teacher: set lcqat.teacher or train.init_from")
         if lc.init is not None and not lc.enabled:
             raise ConfigError("lcqat.init is set but lcqat.enabled is false")
@@ -271,22 +329,39 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (what ``config.json`` holds)."""
         return {"model": to_dict(self.model), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data), "lcqat": dataclasses.asdict(self.lcqat)}
+                "data": dataclasses.asdict(self.data), "lcqat": dataclasses.asdict(self.lcqat),
+                "lora": dataclasses.asdict(self.lora)}
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Strictly build a RunConfig from ``{"model": ..., "train": ..., "data": ..., "lcqat": ...}``."""
-    unknown = sorted(set(data) - {"model", "train", "data", "lcqat"})
+    """Strictly build a RunConfig from ``{"model", "train", "data", "lcqat", "lora"}`` sections."""
+    unknown = sorted(set(data) - {"model", "train", "data", "lcqat", "lora"})
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]} (valid top-level keys: data, lcqat, model, train)")
-    for section in ("model", "train", "data", "lcqat"):
+        raise ConfigError(f"unknown config key {unknown[0]} (valid top-level keys: data, lcqat, lora, model, train)")
+    for section in ("model", "train", "data", "lcqat", "lora"):
         if not isinstance(data.get(section, {}), dict):
             raise ConfigError(f"{section}: expected a mapping, got {data[section]!r}")
     model = model_config_from_dict(data.get("model", {}))
     train = from_dict(TrainConfig, data.get("train", {}), prefix="train.")
     data_cfg = from_dict(DataConfig, data.get("data", {}), prefix="data.")
     lcqat = from_dict(LCQATConfig, data.get("lcqat", {}), prefix="lcqat.")
-    return RunConfig(model=model, train=train, data=data_cfg, lcqat=lcqat)
+    lora = from_dict(LoRAConfig, data.get("lora", {}), prefix="lora.")
+    return RunConfig(model=model, train=train, data=data_cfg, lcqat=lcqat, lora=lora)
+
+
+def lora_run_config(base: str | Path, *, shards: list[str], out_dir: str | Path, steps: int,
+                    recipe: str | Path = "lora-shapes", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config of a LoRA fine-tuning of the checkpoint folder ``base`` (its model config,
+    weights and text tokenizer) on ``shards`` for ``steps`` steps into ``out_dir``: the recipe
+    (a path or a shipped name) with those filled in, then dotted ``overrides``."""
+    from cheers.checkpoint import load_config
+    from cheers.config import recipe_path
+
+    raw = load_yaml(recipe_path(recipe))
+    raw["model"] = to_dict(load_config(base)[0])
+    raw = merge(raw, {"train": {"init_from": str(base), "out_dir": str(out_dir), "steps": steps},
+                      "data": {"shards": [str(s) for s in shards], "text_tokenizer_dir": str(base)}})
+    return run_config_from_dict(merge(raw, _numbers(parse_overrides(list(overrides)))))
 
 
 # YAML 1.1 reads "1e-4" (no dot) as a string; on a command line it is meant as a number

@@ -98,14 +98,22 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 def parallelize(model: nn.Module, env: DistEnv, *, dtype: str, fsdp: bool,
                 activation_checkpointing: bool, compile: bool,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, frozen_units_in_root: bool = False) -> nn.Module:
     """Wrap ``model`` for training on ``env.device``; returns the (same) root module.
 
     ``dtype="bf16"`` on a GPU: FSDP2 keeps fp32 parameters and optimizer state, computes
     in bf16 and reduces gradients in fp32. On a CPU everything stays fp32 (CPU bf16 is
     slow and the CPU runs are for checking numerics).
+
+    ``frozen_units_in_root`` (LoRA runs): units without a trainable parameter join the root's
+    group instead of being sharded alone. Whether a frozen unit runs a backward depends on the
+    batch (the flow head only when the rank's batch has generation images reaching it with a
+    gradient), so ranks would disagree on its backward all-gathers and hang; the root's group is
+    gathered once per forward and kept until the backward ends.
     """
     units = list(model.fsdp_units()) if hasattr(model, "fsdp_units") else []
+    if fsdp and frozen_units_in_root:
+        units = [u for u in units if any(p.requires_grad for p in u.parameters())]
     if activation_checkpointing:
         wrapped = []
         for unit in units:

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from cheers.errors import ConfigError
+from cheers.lora import add_adapters, adapter_shapes, base_names, initial_adapter_state
 
 from .checkpoint import (
     init_from_export,
@@ -77,6 +78,34 @@ def train(cfg: RunConfig, task: Task | None = None) -> TrainResult:
         elif env.owns_group and dist.is_initialized():
             # a failing rank cannot wait in a barrier for peers that may be stuck elsewhere
             dist.destroy_process_group()
+
+
+def adapted_state(weights: dict[str, torch.Tensor], folder: Path, *, inner, rename: dict[str, str],
+                  start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA run's starting state from the base folder's tensors: the base (through ``inner``,
+    LC-QAT's conversion, when set) under the adapted model's names, plus the adapters' start."""
+    if inner is not None:
+        weights = inner(weights, folder)
+    out = {rename.get(k, k): v for k, v in weights.items()}
+    out.update(start)
+    return out
+
+
+def finetune_lora(base: str | Path, shards: list[str], out_dir: str | Path, *, steps: int,
+                  recipe: str | Path = "lora-shapes", overrides: list[str] | tuple[str, ...] = (),
+                  export_to: str | Path | None = None, merge: bool = False) -> TrainResult:
+    """LoRA-fine-tune the checkpoint folder ``base`` on ``shards`` for ``steps`` optimiser steps
+    (``cheers.train.config.lora_run_config``; the recipe's other settings, dotted ``overrides``
+    on top). With ``export_to`` the last checkpoint is exported there: the adapter folder that
+    ``Pipeline.from_pretrained(base, lora=...)`` applies, or with ``merge`` a plain checkpoint."""
+    from .checkpoint import export
+    from .config import lora_run_config
+
+    cfg = lora_run_config(base, shards=shards, out_dir=out_dir, steps=steps, recipe=recipe, overrides=overrides)
+    result = train(cfg)
+    if export_to is not None:
+        export(result.out_dir, export_to, ema=result.ema, merge=merge)
+    return result
 
 
 def _seed_all(seed: int) -> None:
@@ -196,13 +225,22 @@ class Trainer:
             if env.is_main:
                 log.info("lcqat: %d LLM linears are LCQLinear (start: %s)", len(lcq_names),
                          source or "random weights, rounded")
-        trainable = select_trainable(model, tc.trainable)
+        if self.cfg.lora.enabled:  # after the LC-QAT swap (adapters may wrap its layers), before FSDP
+            adapted = add_adapters(model, self.cfg.lora.peft())
+            convert = partial(adapted_state, inner=convert, rename=base_names(model),
+                              start=initial_adapter_state(adapter_shapes(model), tc.seed))
+            if env.is_main:
+                log.info("lora: adapters on %d layers (rank %d), base from %s", len(adapted),
+                         self.cfg.lora.rank, source)
+        trainable = select_trainable(model, self.cfg.lora.trainable() if self.cfg.lora.enabled
+                                     else tc.trainable)
         self.n_params, self.n_flop_params = _count_params(model)
         if not meta_init:
             model.to(env.device)
         model = parallelize(model, env, dtype=tc.dtype, fsdp=tc.fsdp,
                             activation_checkpointing=tc.activation_checkpointing,
-                            compile=tc.compile, reshard_after_forward=tc.reshard_after_forward)
+                            compile=tc.compile, reshard_after_forward=tc.reshard_after_forward,
+                            frozen_units_in_root=self.cfg.lora.enabled)
         if meta_init:
             model.to_empty(device=env.device)
             if not hasattr(model, "init_weights"):
