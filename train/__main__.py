@@ -62,10 +62,10 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a step_XXXXXXX folder, or a run folder (its latest)")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")
-    args = parser.parse_args(argv)
     parser.add_argument("--merge", action="store_true",
                         help="a LoRA run: fold the adapters into the base and write a plain checkpoint "
                              "(default: the adapter folder that --lora reads)")
+    args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_dir():
         parser.error(f"checkpoint folder not found: {args.checkpoint}")
     _setup_logging()

@@ -241,7 +241,6 @@ class LCQATConfig:
             raise ConfigError(f"lcqat.temperature must be > 0, got {self.temperature}")
 
 
-@dataclass(kw_only=True)
 def _default_lora_targets() -> list[str]:
     from cheers.lora import DEFAULT_TARGETS
 
@@ -292,6 +291,7 @@ class LoRAConfig:
         return [*ADAPTER_PATTERNS, *self.train_fully]
 
 
+@dataclass(kw_only=True)
 class RunConfig:
     """Everything one run needs: model, training and data configs (and optional LC-QAT)."""
 
@@ -299,11 +299,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lcqat: LCQATConfig = field(default_factory=LCQATConfig)
-
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
     def __post_init__(self) -> None:
         lc = self.lcqat
-        if lc.enabled and lc.distill_weight > 0 and (lc.teacher or self.train.init_from) is None:
         if self.lora.enabled:
             if self.train.trainable != ["*"]:
                 raise ConfigError(f"train.trainable={self.train.trainable} with lora.enabled: what trains is "
@@ -311,6 +310,7 @@ class RunConfig:
             if self.train.init_from is None and not (lc.enabled and lc.init is not None):
                 raise ConfigError("lora.enabled needs the base model to adapt: set train.init_from "
                                   "(or lcqat.init for a 2-bit base)")
+        if lc.enabled and lc.distill_weight > 0 and (lc.teacher or self.train.init_from) is None:
             raise ConfigError("lcqat.distill_weight > 0 needs a teacher: set lcqat.teacher or train.init_from")
         if lc.init is not None and not lc.enabled:
             raise ConfigError("lcqat.init is set but lcqat.enabled is false")
