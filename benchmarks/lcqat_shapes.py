@@ -33,7 +33,7 @@ ROWS = ("fp", "rtn-g64", "lcqat-ptq", "lcqat-qat")
 def evaluate(pipe, out: Path, args, log) -> dict:
     """GenEval-shapes overall and MMBench-shapes overall of a loaded checkpoint."""
     # the demo's evaluation helpers; the one place to re-point when they move to cheers.eval
-    from cheers.demo import evaluate_geneval, evaluate_mmbench
+    from cheers.shapes.evaluate import evaluate_geneval, evaluate_mmbench
 
     out.mkdir(parents=True, exist_ok=True)
     tc = pipe.cfg.transport

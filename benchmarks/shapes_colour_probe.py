@@ -47,7 +47,7 @@ def parse_args(argv):
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cheers.demo import shapes_run_config
+    from cheers.shapes.training import shapes_run_config
     from cheers.flow_head import transport
     from cheers.shapes.ladder import rung_config
     from cheers.shapes.scenes import (

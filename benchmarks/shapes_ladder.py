@@ -37,7 +37,7 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
                   object_size: str = "standard") -> tuple[Path, Path, dict]:
     """Shards and tokenizer in ``work``, made once; for R4 / R5 the pretrained parts of
     ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
-    from cheers.demo import shapes_run_config, train_text_tokenizer
+    from cheers.shapes.training import shapes_run_config, train_text_tokenizer
     from cheers.shapes.dataset import write_shards
     from cheers.shapes.parts import PARTS_FILE, load_parts
 
@@ -204,7 +204,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cheers.demo import shapes_run_config, write_grid
+    from cheers.shapes.report import write_grid
+    from cheers.shapes.training import shapes_run_config
     from cheers.shapes.dataset import write_geneval_metadata
     from cheers.shapes.ladder import RUNGS, rung_config
     from cheers.text_tokenizer import TextTokenizer

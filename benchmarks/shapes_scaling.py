@@ -19,6 +19,10 @@ and measures, on held-out sets drawn in the same world:
 
 Writes DIR/scaling.json (a row per point), DIR/curve.png and DIR/grid-STEP.png. Killed or left
 with ``--stop-at``, the same command goes on from the last checkpoint (``train.ckpt_every``).
+
+    python benchmarks/shapes_scaling.py compare FIGURE.png DIR [DIR ...]
+
+prints the markdown table of the runs' points and draws their curves side by side.
 """
 
 from __future__ import annotations
@@ -26,90 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cheers.errors import CheersError
 
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # the run's identity: a scaling.json written with other values is another run
 IDENTITY = ("object_size", "steps", "samples", "seed", "overrides", "eval_prompts", "eval_questions")
-
-
-def prepare_world(work: Path, n_samples: int, seed: int, object_size: str) -> tuple[Path, Path]:
-    """Training shards (the demo's task mix and three questions per understanding sample) and a
-    tokenizer over them, made once in ``work``."""
-    from cheers.demo import train_text_tokenizer
-    from cheers.shapes.dataset import mmbench_rows, write_shards
-    from cheers.shapes.texts import format_mmbench_prompt
-
-    data, tok_dir = work / "data", work / "tokenizer"
-    manifest = data / "manifest.json"
-    if manifest.is_file():
-        written = json.loads(manifest.read_text())
-        if (written.get("object_size", "standard"), written["n_samples"], written["seed"]) != (object_size, n_samples, seed):
-            raise CheersError(f"{data} holds another world ({written.get('object_size', 'standard')} objects, "
-                              f"{written['n_samples']} samples, seed {written['seed']}): use another --out")
-    else:
-        print(f"writing {n_samples} samples ({object_size} objects) to {data}", flush=True)
-        write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64, mix={"t2i": 0.75, "i2t": 0.2, "text": 0.05},
-                     samples_per_shard=2000, i2t_turns=3, mcq_answer="option", workers=os.cpu_count() or 1,
-                     object_size=object_size)
-    if not (tok_dir / "tokenizer.json").is_file():
-        extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
-                 for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
-        train_text_tokenizer([data], extra).save(tok_dir)
-    return data, tok_dir
-
-
-def image_measures(records: list[dict]) -> dict:
-    """coherent / shape on single-object images, colour on colors images (largest object)."""
-    from PIL import Image
-
-    from cheers.eval.shapes_detector import detect
-
-    coherent, shape_right, colour_right = [], [], []
-    for rec in records:
-        tag = rec["tag"]
-        if tag not in ("single_object", "colors"):
-            continue
-        dets = detect(Image.open(rec["filename"]).convert("RGB"))
-        largest = max(dets, key=lambda d: d["area"]) if dets else None
-        want = json.loads(rec["metadata"])["include"][0]
-        if tag == "single_object":
-            coherent.append(len(dets) == 1)
-            shape_right.append(largest is not None and largest["class"] == want["class"])
-        else:
-            colour_right.append(largest is not None and largest["colour"] == want["color"])
-    return {"coherent": float(np.mean(coherent)), "shape_right": float(np.mean(shape_right)),
-            "colour_right": float(np.mean(colour_right)), "single_images": len(coherent)}
-
-
-def evaluate_point(ckpt: Path, tok_dir: Path, out: Path, args) -> tuple[dict, list]:
-    """Every measure of one exported checkpoint; (row, GenEval samples for a grid)."""
-    import shutil
-
-    from cheers.demo import evaluate_geneval, evaluate_mmbench, evaluate_open
-    from cheers.pipeline import Pipeline
-
-    shutil.copy(tok_dir / "tokenizer.json", ckpt / "tokenizer.json")
-    pipe = Pipeline.from_pretrained(ckpt, device="cpu")
-    tc = pipe.cfg.transport
-    quiet = lambda _msg: None  # noqa: E731 - the row is printed whole below
-    gen = evaluate_geneval(pipe, out, args.eval_prompts, args.seed + 1, tc.sample_steps, tc.cfg_scale, quiet)
-    row = {f"geneval_{t}": gen["scores"].get(t) for t in GENEVAL_TAGS}
-    row["geneval_overall"] = gen["scores"]["overall"]
-    row.update(image_measures(gen["records"]))
-    mmb = evaluate_mmbench(pipe, out, args.eval_questions, args.seed + 1, quiet, object_size=args.object_size)["acc"]
-    row.update({f"mmbench_{k.lower()}": v for k, v in mmb.items()})
-    opened = evaluate_open(pipe, out, args.eval_questions, args.seed + 1, quiet, object_size=args.object_size)
-    row.update({f"open_{k}": v for k, v in opened.items()})
-    return row, gen["samples"]
 
 
 CURVES = ("coherent", "shape_right", "colour_right", "geneval_overall", "mmbench_shape", "mmbench_colour",
@@ -136,6 +66,42 @@ def write_curve(points: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+TABLE = ("coherent", "shape_right", "colour_right", "geneval_single_object", "geneval_two_object",
+         "geneval_colors", "geneval_overall", "mmbench_overall", "mmbench_shape", "mmbench_colour", "open_shape",
+         "open_colour")
+
+
+def compare(runs: list[Path], figure: Path) -> str:
+    """A markdown table of every point of ``runs`` (folders with scaling.json) and one figure of
+    the shape, coherence and colour curves of all of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads((r / "scaling.json").read_text()) for r in runs]
+    lines = ["| objects | step | " + " | ".join(TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+    for rec in records:
+        for p in rec["points"]:
+            cells = [f"{p[k]:.3f}" if isinstance(p.get(k), float) and math.isfinite(p[k]) else "-" for k in TABLE]
+            lines.append(f"| {rec['object_size']} | {p['step']} | " + " | ".join(cells) + " |")
+    keys = ("shape_right", "coherent", "colour_right", "mmbench_shape", "open_shape")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), sharey=True)
+    for ax, key in zip(axes, keys):
+        for rec in records:
+            ax.plot([p["step"] for p in rec["points"]], [p.get(key, float("nan")) for p in rec["points"]],
+                    marker="o", label=f"{rec['object_size']} objects")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("optimiser steps")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
+    return "\n".join(lines)
 
 
 def parse_args(argv):
@@ -166,17 +132,25 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["compare"]:  # compare FIGURE.png RUN [RUN ...]
+        if len(argv) < 3:
+            raise SystemExit("usage: shapes_scaling.py compare FIGURE.png RUN_DIR [RUN_DIR ...]")
+        print(compare([Path(r) for r in argv[2:]], Path(argv[1])))
+        return 0
     args = parse_args(argv)
-    from cheers.demo import build_init, run_training, shapes_run_config, write_grid
-    from cheers.shapes.parts import PARTS_FILE
-    from cheers.train.checkpoint import export
+    from cheers.pipeline import Pipeline
+    from cheers.shapes.evaluate import evaluate_model
+    from cheers.shapes.release import Recipe, export_step
+    from cheers.shapes.report import write_grid
+    from cheers.shapes.training import shapes_run_config
 
     shapes_run_config(args.overrides)  # a bad override is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    data, tok_dir = prepare_world(args.out, args.samples, args.seed, args.object_size)
-    init = build_init(args.out, tok_dir, PARTS_FILE, seed=args.seed, log=print, overrides=args.overrides)
+    recipe = Recipe(object_size=args.object_size, samples=args.samples, seed=args.seed, schedule_steps=args.steps)
     record = {k: getattr(args, k) for k in IDENTITY}
     record.update(points=[], threads=torch.get_num_threads(), schedule="constant after 40 warm-up steps")
     path = args.out / "scaling.json"
@@ -186,35 +160,33 @@ def main(argv: list[str] | None = None) -> int:
             raise CheersError(f"{path} holds another run ({ {k: old.get(k) for k in IDENTITY} }): use another --out")
         record["points"] = old["points"]
     done = record["points"][-1]["step"] if record["points"] else 0
-    over = ["train.schedule=constant", "train.ckpt_every=250", "train.keep_last=2", "train.progress=false",
-            *args.overrides]
     for point in args.points:
         if point <= done:
             continue
         if args.stop_at is not None and point > args.stop_at:
             break
         t0 = time.perf_counter()
-        result, _run_dir = run_training(args.out, data, tok_dir, init, [*over, f"train.stop_after={point}"], "cpu",
-                                        print, steps=args.steps, seed=args.seed)
+        ckpt = export_step(args.out, point, recipe, tuple(args.overrides))
         wall = time.perf_counter() - t0
-        ckpt = args.out / f"model-{result.step}"
-        export(result.checkpoint, ckpt, ema=result.ema)
         t1 = time.perf_counter()
-        row, samples = evaluate_point(ckpt, tok_dir, args.out / f"eval-{result.step}", args)
-        final = result.history[-1] if result.history else {}
-        row = {"step": result.step, "seconds_per_step": wall / max(result.step - done, 1),
+        result = evaluate_model(Pipeline.from_pretrained(ckpt), args.out / f"eval-{point}",
+                                eval_prompts=args.eval_prompts, eval_questions=args.eval_questions,
+                                seed=args.seed + 1, object_size=args.object_size)
+        history = [json.loads(line) for line in (args.out / "run" / "metrics.jsonl").read_text().splitlines()]
+        final = [h for h in history if h["step"] <= point][-1]
+        row = {"step": point, "seconds_per_step": wall / max(point - done, 1),
                "eval_seconds": time.perf_counter() - t1, "loss": final.get("loss"), "flow": final.get("flow"),
-               "ce": final.get("ce"), **row}
-        done = result.step
+               "ce": final.get("ce"), **result["row"]}
+        done = point
         record["points"].append(row)
         by_tag: dict[str, list] = {}
-        for s in samples:
+        for s in result["samples"]:
             by_tag.setdefault(s[0]["tag"], []).append(s)
         write_grid([s for tag in ("single_object", "colors", "two_object") for s in by_tag.get(tag, [])[:4]],
-                   args.out / f"grid-{result.step}.png")
+                   args.out / f"grid-{point}.png")
         path.write_text(json.dumps(record, indent=1) + "\n")
         write_curve(record["points"], args.out / "curve.png",
-                    f"shapes flavour, {args.object_size} objects, {args.steps}-step run")
+                    f"shapes flavour, {args.object_size} objects, constant rate")
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v)
                           for k, v in row.items()}), flush=True)
     return 0

@@ -1,5 +1,6 @@
 """The shapes world's model: its VAE pretraining, a short training run that lowers both
-losses, and `cheers demo` end to end on a tiny budget (report files and metrics schema)."""
+losses, `cheers demo --from-scratch` and the default demo (the shipped model fine-tuned on a new
+word) end to end on tiny budgets, the packed model's round trip, the new word's data."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def shapes_data(tmp_path_factory):
 
 def test_demo_tokenizer_keeps_the_chat_template_short(shapes_data):
     """The template enters the BPE corpus at its true frequency: whole words, not letters."""
-    from cheers.demo import train_text_tokenizer
+    from cheers.shapes.training import train_text_tokenizer
     from cheers.text_tokenizer import DEFAULT_SYSTEM
 
     tok = train_text_tokenizer([shapes_data / "data"], [], vocab_size=400)
@@ -134,29 +135,43 @@ TINY_DEMO = ["--samples", "300", "--eval-prompts", "1", "--eval-questions", "4",
              "train.global_batch=8", "train.micro_batch=8", "train.log_every=1"]
 
 
+@pytest.fixture(scope="module")
+def scratch_demo(tmp_path_factory):
+    """``cheers demo --from-scratch`` for 6 steps: (its folder, its CHEERS_HOME)."""
+    root = tmp_path_factory.mktemp("scratch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHEERS_HOME", str(root / "home"))
+        cli_main(["demo", "--from-scratch", "--out", str(root / "demo"), "--steps", "6", *TINY_DEMO,
+                  "model.transport.cfg_scale=2.5"])
+    return root / "demo", root / "home"
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
-    cli_main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6", *TINY_DEMO, "model.transport.cfg_scale=2.5"])
-    out = tmp_path / "demo"
+def test_demo_from_scratch_end_to_end(scratch_demo, tmp_path, monkeypatch):
+    out, home = scratch_demo
     ratios = {run: json.loads((out / run / "config.json").read_text())["data"]["ratios"] for run in ("run-easy", "run")}
     assert ratios["run"]["i2t"] > 0
     # a model override reaches the starting model as well as the training runs
     for folder in ("init", "checkpoint"):
         assert json.loads((out / folder / "config.json").read_text())["transport"]["cfg_scale"] == 2.5
+    # the world is the shipped model's
+    from cheers.shapes.release import RECIPE
+
+    assert json.loads((out / "data" / "manifest.json").read_text())["object_size"] == RECIPE.object_size
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["geneval"]) == {"overall", "single_object", "two_object", "counting", "colors",
-                                       "position", "color_attr"}
-    assert 0.0 <= metrics["mmbench"]["overall"] <= 1.0
-    assert set(metrics["open_questions"]) == {"colour", "shape", "count", "overall"}  # 4 questions
-    assert len(json.loads((out / "open_answers.json").read_text())) == 4
+    after = metrics["after"]
+    assert metrics["before"] is None and metrics["steps"] == 6
+    for key in ("geneval_overall", "geneval_single_object", "geneval_color_attr", "shape_right", "colour_right",
+                "coherent", "mmbench_overall", "open_shape", "open_colour", "open_count"):
+        assert 0.0 <= after[key] <= 1.0 or after[key] != after[key], key  # nan: no image of that kind
+    assert len(json.loads((out / "after" / "open_answers.json").read_text())) == 4
     # the fixed step count, split by the curriculum (0.35 of 6 -> 2 + 4), each run ending in its checkpoint
     runs = [int(next((out / run).glob("step_*")).name[5:]) for run in ("run-easy", "run")]
-    assert runs == [2, 4] and metrics["train"]["steps"] == 6
+    assert runs == [2, 4]
     for name in ("index.html", "grid.png", "loss.png", "checkpoint/config.json", "checkpoint/tokenizer.json",
-                 "geneval/00000/metadata.jsonl", "geneval/00000/samples/0003.png", "geneval/results.jsonl"):
+                 "after/geneval/00000/metadata.jsonl", "after/geneval/00000/samples/0003.png",
+                 "after/geneval/results.jsonl", "log.txt"):
         assert (out / name).is_file(), name
-    assert "floor" not in (out / "index.html").read_text()
     # the shipped VAE and semantic encoder are the starting model's
     from cheers.shapes.parts import PARTS_FILE, load_parts
 
@@ -165,6 +180,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     for key, value in parts["siglip"].items():
         torch.testing.assert_close(init[f"tokenizer.siglip.{key}"], value)
     # the cached checkpoint makes `cheers generate` work with no --ckpt
+    monkeypatch.setenv("CHEERS_HOME", str(home))
     cli_main(["generate", "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "gen")])
     assert (tmp_path / "gen" / "00000.png").is_file()
 
@@ -175,49 +191,114 @@ def test_demo_same_seed_same_first_losses(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
     losses = []
     for name in ("a", "b"):
-        cli_main(["demo", "--out", str(tmp_path / name), "--steps", "4", "--curriculum", "0", "--no-cache",
-                  "--seed", "3", *TINY_DEMO])
+        cli_main(["demo", "--from-scratch", "--out", str(tmp_path / name), "--steps", "4", "--curriculum", "0",
+                  "--no-cache", "--seed", "3", *TINY_DEMO])
         rows = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
         losses.append([(r["step"], r["loss"], r["flow"], r["ce"]) for r in rows])
     assert [s for s, *_ in losses[0]] == [1, 2, 3, 4]
     assert losses[0] == losses[1]
 
 
-@pytest.mark.slow
-def test_demo_minutes_budget_covers_the_whole_demo(tmp_path, monkeypatch):
-    """--minutes bounds the demo as a whole: a short budget shrinks data and evaluation too."""
-    import time
+def test_packed_model_round_trip_and_refusals(scratch_demo, tmp_path):
+    from cheers.errors import CheersError
+    from cheers.pipeline import Pipeline
+    from cheers.shapes.release import pack_model, read_model_log, unpack_model
 
+    out, _home = scratch_demo
+    size = pack_model(out / "checkpoint", tmp_path / "m.safetensors", {"recipe": {"object_size": "large"}})
+    dense = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert size < 0.6 * (out / "checkpoint" / "model.safetensors").stat().st_size  # fp16 on disk
+    packed = load_file(str(tmp_path / "m.safetensors"))
+    assert all(packed[k].dtype == torch.float16 for k, v in dense.items() if v.is_floating_point())
+    assert read_model_log(tmp_path / "m.safetensors") == {"recipe": {"object_size": "large"}}
+    folder = unpack_model(tmp_path / "m.safetensors", tmp_path / "unpacked")
+    again = load_file(str(folder / "model.safetensors"))
+    for k, v in dense.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-3, atol=1e-4)  # fp16 rounding
+    assert (folder / "tokenizer.json").read_text() == (out / "checkpoint" / "tokenizer.json").read_text()
+    Pipeline.from_pretrained(folder)  # loads as a checkpoint folder
+    with pytest.raises(CheersError, match="not found"):
+        read_model_log(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheersError, match="lacks"):
+        unpack_model(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.slow
+def test_default_demo_fine_tunes_the_packed_model(scratch_demo, tmp_path, monkeypatch):
+    from cheers.shapes.release import pack_model
+
+    out, _home = scratch_demo
+    model = tmp_path / "model.safetensors"
+    pack_model(out / "checkpoint", model, {"recipe": {"object_size": "large"}})
     monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))
-    t0 = time.monotonic()
-    cli_main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.75", "--no-cache", "--samples", "2000",
-              "--threads", "1", "train.global_batch=8", "train.micro_batch=8"])
-    wall = time.monotonic() - t0
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert metrics["train"]["steps"] >= 1
-    assert wall < 0.75 * 60 * 1.5, f"a 45 s budget took {wall:.0f} s"
+    cli_main(["demo", "--model", str(model), "--out", str(tmp_path / "demo"), "--steps", "3",
+              "--finetune-samples", "40", "--word-prompts", "1", "--eval-prompts", "1", "--eval-questions", "4",
+              "--threads", "1", "train.global_batch=8", "train.micro_batch=8", "train.log_every=1"])
+    demo = tmp_path / "demo"
+    metrics = json.loads((demo / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["object_size"] == "large"
+    for when in ("before", "after"):
+        assert 0.0 <= metrics[when]["new word drawn in its colour"] <= 1.0
+        assert (demo / when / "new-word" / "prompts-word" / "00000" / "samples" / "0003.png").is_file()
+    run_cfg = json.loads((demo / "finetune" / "config.json").read_text())
+    assert "shapes-model-" in run_cfg["train"]["init_from"]  # the unpacked shipped model
+    assert run_cfg["train"]["steps"] == 3 and run_cfg["data"]["ratios"]["text"] == 0.0
+    assert run_cfg["lora"]["enabled"]  # LoRA: the adapters, not the whole model, are trained and saved
+    from cheers.lora import is_adapter_folder
+
+    assert is_adapter_folder(demo / "adapter")
+    for name in ("index.html", "new-word.png", "grid.png", "loss.png", "checkpoint/model.safetensors",
+                 "checkpoint/tokenizer.json"):
+        assert (demo / name).is_file(), name
+    page = (demo / "index.html").read_text()
+    assert "<th>before</th><th>after</th>" in page and "scarlet" in page
+    assert (tmp_path / "home" / "shapes-demo" / "model.safetensors").is_file()
+
+
+def test_new_word_data_names_the_colour_by_the_word(tmp_path):
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from cheers.errors import InputError
+    from cheers.eval.shapes_detector import detect
+    from cheers.shapes.finetune import new_word_metadata, new_word_sample, write_new_word_shards
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        record, image = new_word_sample(rng, "scarlet", "red", "large")
+        found = detect(Image.fromarray(image))
+        assert "scarlet" in record["text"] and "red" not in record["text"].split()
+        assert sum(d["colour"] == "red" for d in found) == 1  # exactly the object the word names
+    folder = write_new_word_shards(tmp_path / "d", 30, seed=1, object_size="large", new_share=0.5)
+    with tarfile.open(folder / "new-word-000000.tar") as tar:
+        texts = [json.loads(tar.extractfile(m).read())["text"] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(texts) == 30 and 5 <= sum("scarlet" in t for t in texts) <= 25
+    meta = new_word_metadata(6)
+    assert meta[0]["prompt"] == "a photo of a scarlet circle" and meta[0]["include"][0]["color"] == "red"
+    assert len({m["include"][0]["class"] for m in meta}) == 5
+    with pytest.raises(InputError, match="not a colour the world knows"):
+        write_new_word_shards(tmp_path / "e", 3, seed=1, object_size="large", word="blue")
 
 
 def test_demo_refuses_shards_written_with_other_options(tmp_path):
-    from cheers.demo import prepare
     from cheers.errors import CheersError
+    from cheers.shapes.training import prepare
 
     write_shards(str(tmp_path / "data"), n_samples=4, seed=0, image_size=64, i2t_turns=1)
-    with pytest.raises(CheersError, match="written with --i2t-turns 1, not 3"):
+    with pytest.raises(CheersError, match="i2t_turns 1 \\(not 3\\), mcq_answer letter \\(not option\\)"):
         prepare(tmp_path, 4, 0, print, i2t_turns=3)
-    # write_shards answers with the letter by default; the demo asked for option text
-    with pytest.raises(CheersError, match="multiple-choice answers are the letter, not the option"):
-        prepare(tmp_path, 4, 0, print, i2t_turns=1, mcq_answer="option")
+    with pytest.raises(CheersError, match="object_size standard \\(not large\\)"):
+        prepare(tmp_path, 4, 0, print, i2t_turns=1, object_size="large")
 
 
-def test_report_shows_metrics_without_floors(tmp_path):
-    from cheers.demo import write_html
-
-    metrics = {"summary": "s", "mmbench": {"overall": 0.31},
-               "geneval": {"overall": 0.25, "single_object": 0.1, "two_object": 0.15, "counting": 0.0},
-               "mmbench_detail": {"Overall": 0.31, "colour": 0.5}, "open_questions": {"overall": 0.4}}
-    write_html(tmp_path, metrics)
-    page = (tmp_path / "index.html").read_text()
-    assert "<td>overall</td><td>0.250</td></tr>" in page
-    assert "<td>Overall</td><td>0.310</td></tr>" in page
-    assert "floor" not in page and '<img src="grid.png"' in page
+def test_demo_refuses_a_missing_model_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["demo", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "d")])
+    assert e.value.code == 2
+    assert "none.safetensors: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

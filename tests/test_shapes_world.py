@@ -466,7 +466,7 @@ def test_open_questions_are_the_training_phrasing_and_answerable():
 
 
 def test_open_question_rows_take_categories_in_turn():
-    from cheers.demo import open_answer
+    from cheers.shapes.evaluate import open_answer
 
     rows = dataset.open_question_rows(9, seed=4)
     assert [r["category"] for r in rows] == ["colour", "shape", "count"] * 3
