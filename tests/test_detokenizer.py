@@ -171,4 +171,4 @@ def test_server_chat_job_keeps_characters_whole(project_tokenizer):
     text = [e[1] for e in events if e[0] == "text"]
     assert "".join(text) == TEXT.strip()
     assert not any("\ufffd" in p for p in text)
-    assert events[-1][:2] == ("done", "length")
+    assert job.result[:2] == ("done", "length")

@@ -91,12 +91,14 @@ class ChatJob(Job):
         self.stop_ids = stop_ids
         self.detokenizer = Detokenizer(text_tokenizer)
         self.generated = 0
+        self.result: tuple | None = None
         self.answer = ""  # what ``Pipeline.stream`` would have yielded so far, joined
         self.sent = 0  # characters of the stripped answer posted
         self.hold = max((len(s) for s in request.stop), default=1) - 1
 
     def feed(self, token: int) -> bool:
-        """Take the next token of this row; True when the answer is finished."""
+        """Take the next token of this row; True when the answer is finished (its ``done``
+        event is then ``result``, for the scheduler to post once it has counted the job)."""
         self.generated += 1
         finish = None
         if token in self.stop_ids:
@@ -119,8 +121,8 @@ class ChatJob(Job):
             self.sent = end
         if finish is not None:
             p = self.request.prompt_tokens
-            self.post("done", finish, {"prompt_tokens": p, "completion_tokens": self.generated,
-                                       "total_tokens": p + self.generated})
+            self.result = ("done", finish, {"prompt_tokens": p, "completion_tokens": self.generated,
+                                            "total_tokens": p + self.generated})
         return finish is not None
 
 
@@ -220,8 +222,8 @@ class Scheduler:
         gone = APIError(503, "the server is shutting down", code="shutting_down")
         for job in [*self._pending, *self._rows, *self._images]:
             if not job.finished:
-                job.fail(gone)
                 self._finished(job, "failed")
+                job.fail(gone)
         self._pending.clear()
         self._rows, self._images = [], []
 
@@ -241,8 +243,8 @@ class Scheduler:
             dead = self.unavailable()
             for job in jobs:
                 if not job.finished:
-                    job.fail(dead)
                     self._finished(job, "failed")
+                    job.fail(dead)
 
     def _run(self) -> None:
         while True:
@@ -324,14 +326,14 @@ class Scheduler:
                     self._batch_or_alone([job], run, what)
                 return
             log.exception("%s failed", what)
-            jobs[0].fail(e)
             self._finished(jobs[0], "failed")
+            jobs[0].fail(e)
 
     def _post_images(self, jobs: list[ImageJob]) -> None:
         for job, images in zip(jobs, self._sample(jobs), strict=True):
             if not job.cancelled:
-                job.post("done", images)
                 self._finished(job, "completed")
+                job.post("done", images)
                 self.metrics.images.inc(len(images))
 
     def _sample(self, jobs: list[ImageJob]) -> list[list]:
@@ -426,7 +428,8 @@ class Scheduler:
                 self.metrics.tokens.inc()
                 if job.feed(tok):
                     done.append(r)
-                    self._finished(job, "completed")
+                    self._finished(job, "completed")  # before the client can see the end
+                    job.post(*job.result)
             self._batch.drop(done)
             with self._cond:
                 self._rows = [job for r, job in enumerate(self._rows) if r not in done]
@@ -436,8 +439,8 @@ class Scheduler:
         except Exception as e:
             log.exception("a decode step failed; failing the %d chat requests in it", len(self._rows))
             for job in self._rows:
-                job.fail(e)
                 self._finished(job, "failed")
+                job.fail(e)
             with self._cond:
                 self._rows = []
             self._batch = DecodeBatch(self.pipe.engine)
