@@ -1,8 +1,8 @@
-"""Installs the folders cheers/ tokenizer/ flow_head/ train/ eval/ lcqat/ as one ``cheers`` namespace."""
+"""Installs the folders cheers/ tokenizer/ flow_head/ train/ eval/ lcqat/ configs/ as one ``cheers`` namespace."""
 
 from setuptools import setup
 
-SUBPACKAGES = ["tokenizer", "flow_head", "train", "eval", "lcqat"]
+SUBPACKAGES = ["tokenizer", "flow_head", "train", "eval", "lcqat", "configs"]
 
 
 def _find(folder: str, dotted: str) -> tuple[list[str], dict[str, str]]:
@@ -32,7 +32,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"cheers": ["assets/*", "assets/**/*"], "cheers.eval": ["data/*"], "cheers.serve": ["static/*"]},
+    package_data={"cheers": ["assets/*", "assets/**/*"], "cheers.eval": ["data/*"], "cheers.serve": ["static/*"],
+                  "cheers.configs": ["*.yaml"]},
     include_package_data=True,
     install_requires=[
         # this machine's local wheels; pip's cap here is torch<=2.14.1, torchvision<=0.29.1

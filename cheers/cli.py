@@ -34,7 +34,9 @@ def _ckpt_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def _pipeline(args):
+def open_pipeline(args):
+    """The Pipeline of ``args.ckpt`` (default: the shapes demo's) on ``args.device``; a missing
+    default folder is an error that says how to make it."""
     from cheers.pipeline import Pipeline, default_checkpoint
 
     ckpt = args.ckpt or default_checkpoint()
@@ -81,7 +83,7 @@ def cmd_generate(args) -> None:
         raise CheersError("give a non-empty --prompt or a --prompts file")
     jobs = [(p, k) for p in prompts for k in range(args.n)]
     paths = image_outputs(args.out, [f"{i:05d}" for i in range(len(jobs))])
-    pipe = _pipeline(args)
+    pipe = open_pipeline(args)
     _fill_sampling(args, pipe)
     if args.size is not None and args.size != pipe.image_size:
         raise CheersError(f"--size {args.size}: this checkpoint generates {pipe.image_size} px images "
@@ -105,7 +107,7 @@ def cmd_generate(args) -> None:
 
 def cmd_edit(args) -> None:
     (path,) = image_outputs(args.out, [args.image.stem], protect=(args.image,))
-    pipe = _pipeline(args)
+    pipe = open_pipeline(args)
     _fill_sampling(args, pipe)
     pipe.t2i_rows([args.prompt])
     img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=args.steps,
@@ -121,7 +123,7 @@ def _decode_kwargs(args) -> dict:
 
 
 def cmd_understand(args) -> None:
-    pipe = _pipeline(args)
+    pipe = open_pipeline(args)
     pipe.i2t_row(args.question, len(args.image))
     for piece in pipe.stream(args.image, args.question, **_decode_kwargs(args)):
         print(piece, end="", flush=True)
@@ -129,7 +131,7 @@ def cmd_understand(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    pipe = _pipeline(args)
+    pipe = open_pipeline(args)
     images = list(args.image or [])
     print("cheers chat: type a question; `/image PATH` adds an image, `/reset` clears, `/quit` ends.")
     history: list = []

@@ -488,6 +488,32 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, data, prefix="model.")
 
 
+def recipe_names() -> list[str]:
+    """Names of the recipes that ship with the package (``configs/*.yaml``, installed as
+    ``cheers.configs``)."""
+    from importlib.resources import files
+
+    return sorted(f.name[: -len(".yaml")] for f in files("cheers.configs").iterdir() if f.name.endswith(".yaml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """The YAML file of a recipe given by path (an existing file) or by the name of a shipped
+    one (``shapes``, ``shapes.yaml``, or ``configs/shapes.yaml`` as the README writes it,
+    wherever the package is installed); raises ConfigError naming the shipped names."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    from importlib.resources import as_file, files
+
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(path.parent) in (".", "configs") and name in recipe_names():
+        # installed packages are plain folders (setup.py has no zip_safe), so the path stays valid
+        with as_file(files("cheers.configs") / f"{name}.yaml") as shipped:
+            return Path(shipped)
+    raise ConfigError(f"config file not found: {recipe} (nor a shipped recipe: the names are "
+                      f"{', '.join(recipe_names())})")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path)

@@ -83,9 +83,9 @@ def _judge(args):
 
 
 def _pipe(args):
-    from cheers.cli import _pipeline
+    from cheers.cli import open_pipeline
 
-    return _pipeline(args)
+    return open_pipeline(args)
 
 
 def _sampling(args) -> dict:

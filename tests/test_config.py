@@ -16,6 +16,8 @@ from cheers.config import (
     load_yaml,
     model_config_from_dict,
     parse_overrides,
+    recipe_names,
+    recipe_path,
     to_dict,
 )
 from cheers.errors import ConfigError
@@ -90,3 +92,22 @@ def test_every_recipe_loads_whole_and_round_trips(path):
     assert model_config_from_dict(data["model"]) == model
     assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(model)))) == model
     assert model_config_from_dict(json.loads(json.dumps(to_dict(model)))) == model
+
+
+def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """The shipped recipes are package data: a name (or the README's configs/NAME.yaml) finds
+    the same file from a folder that holds no configs/, as after a wheel install."""
+    assert recipe_names() == sorted(p.stem for p in RECIPES)
+    monkeypatch.chdir(tmp_path)
+    for name in recipe_names():
+        want = load_yaml(CONFIGS / f"{name}.yaml")
+        for spelling in (name, f"{name}.yaml", f"configs/{name}.yaml"):
+            assert load_yaml(recipe_path(spelling)) == want
+    assert load_run_config("debug").model.flavour == "debug"
+    own = tmp_path / "shapes"  # an existing file wins over a shipped name
+    own.write_text("model: {flavour: debug}\n")
+    assert recipe_path("shapes") == Path("shapes")
+    with pytest.raises(ConfigError, match=r"config file not found: debg \(nor a shipped recipe: the names are .*debug, .*shapes"):
+        load_run_config("debg")
+    with pytest.raises(ConfigError, match=r"config file not found: elsewhere/debug.yaml"):
+        recipe_path("elsewhere/debug.yaml")

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from cheers.train.config import DataConfig
-from cheers.train.data import DataError, SampleLoader, expand_shards, load_image
+from cheers.train.data import DataError, SampleLoader, expand_shards, load_image, read_shard_records
 
 TASK_CYCLE = ("t2i", "i2t", "t2i", "text")
 
@@ -198,3 +198,12 @@ def test_task_shards_and_image_statistics(tmp_path):
     assert {s.task for s in got} == {"t2i", "text"}
     img = np.stack([s.image.numpy() for s in got if s.image is not None])
     assert img.shape[1:] == (3, 8, 8) and img.max() <= 1.0
+
+
+def test_read_shard_records_gives_each_json_in_file_order(tmp_path):
+    write_shards(tmp_path, n_shards=2, per_shard=3, corrupt=True)
+    records = list(read_shard_records(tmp_path / "shard-000.tar"))
+    assert [k for k, _ in records] == ["s000_0000", "s000_0001", "s000_0002"]
+    assert [r["text"] for _, r in records] == ["caption 0 0", "caption 0 1", "caption 0 2"]
+    with pytest.raises(DataError, match=r"shard-001.tar: sample 's001_0001' has a .json member that is not JSON"):
+        list(read_shard_records(tmp_path / "shard-001.tar"))

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="cheers train",
         description="Train Cheers. Launch with torchrun --nproc_per_node=N for several processes.",
     )
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults apply without one")
+    parser.add_argument("--config", help="YAML recipe: a path, or the name of a shipped one "
+                        "(debug, shapes, lcqat_shapes, cheers-1.5b-align, ...); defaults apply without one")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     args = parser.parse_args(argv)
     from .config import load_run_config

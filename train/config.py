@@ -26,6 +26,7 @@ from cheers.config import (
     merge,
     model_config_from_dict,
     parse_overrides,
+    recipe_path,
     to_dict,
 )
 from cheers.errors import ConfigError
@@ -379,7 +380,8 @@ def _numbers(value: Any) -> Any:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A RunConfig from a YAML file (or none: defaults) and dotted overrides."""
-    raw = load_yaml(path) if path is not None else {}
+    """A RunConfig from a YAML file or a shipped recipe's name (or none: defaults) and dotted
+    overrides."""
+    raw = load_yaml(recipe_path(path)) if path is not None else {}
     raw = merge(raw, _numbers(parse_overrides(list(overrides))))
     return run_config_from_dict(raw)
