@@ -8,7 +8,7 @@
 ``cheers-1.5b`` LLM dimensions (GPU, bf16, batch 8 x 2048) or small ones (CPU):
 
 - ``transformers``: ``Qwen2ForCausalLM`` with SDPA, fp32 weights under bf16 autocast, fused
-  AdamW: the reference (DESIGN section 8: 40.7k tokens/s, 40% MFU on an H200);
+  AdamW: the reference (40.7k tokens/s, 40% MFU on an H200 in an earlier run);
 - ``trainer``: the same network wrapped by ``cheers.train.parallelize`` (FSDP2 with bf16
   parameters and fp32 reductions, ``--compile``), our AdamW groups: what a run gets;
 - ``ours``: our LLM (``cheers.llm``) with the chunked fused CE (``cheers.losses``) through

@@ -7,7 +7,7 @@ VLMEvalKit's rule-based matcher, an optional judge when the rules read nothing, 
 report: ``acc.csv`` (VLMEvalKit's columns: split, Overall, the L2 abbreviations, the L3
 categories) and ``acc.json`` (``{"Overall": x, <L2 or L3>: x}``, fractions in [0, 1]).
 
-Prompts (``--prompt-style``): ``llava`` (default; DESIGN.md s.6, the custom prompt
+Prompts (``--prompt-style``): ``llava`` (default; the custom prompt
 VLMEvalKit gives LLaVA-style models, and what the shapes model is trained on):
 ``{hint}\\n{question}\\nA. ..\\nAnswer with the option's letter from the given choices
 directly.``; ``vlmevalkit``: ``ImageMCQDataset.build_prompt`` (``Hint:`` / ``Question:`` /

@@ -28,7 +28,7 @@ def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (40, 24)) -> 
 
 def write_shards(folder: Path, n_shards: int = 4, per_shard: int = 8, *, prefix: str = "shard",
                  tasks: tuple[str, ...] = TASK_CYCLE, corrupt: bool = False) -> str:
-    """Tiny shards in the DESIGN section 5 schema; returns a brace pattern over them.
+    """Tiny shards in the training schema (image + JSON per key); returns a brace pattern over them.
 
     With ``corrupt``, shard 0 gets an undecodable PNG (first t2i sample) and shard 1 a
     malformed JSON (its second sample).

@@ -161,7 +161,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """WebDataset shards in the DESIGN section 5 schema, mixed by task.
+    """WebDataset shards (``{key}.png|jpg`` + ``{key}.json``, as ``cheers.train.data`` reads them),
+    mixed by task.
 
     ``shards`` entries are local paths with brace patterns (``data/t2i-{000..127}.tar``)
     or globs. A task listed in ``task_shards`` reads only those shards (cheaper than
