@@ -18,6 +18,8 @@ from cheers.cli_args import (
     fail,
     image_file,
     image_outputs,
+    model_load_args,
+    model_load_options,
     non_empty,
     non_negative_int,
     number,
@@ -32,6 +34,7 @@ def _ckpt_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=Path, default=None,
                    help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
     p.add_argument("--device", default="cpu")
+    model_load_args(p)
 
 
 def open_pipeline(args):
@@ -43,7 +46,7 @@ def open_pipeline(args):
     if not ckpt.is_dir():
         hint = " Run `cheers demo` first to train the shapes-world model (CPU, ~15 min)." if args.ckpt is None else ""
         raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
-    return Pipeline.from_pretrained(ckpt, device=args.device)
+    return Pipeline.from_pretrained(ckpt, device=args.device, **model_load_options(args))
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

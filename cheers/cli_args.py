@@ -146,3 +146,31 @@ def output_folder(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
     return path
+
+
+def model_load_args(p: argparse.ArgumentParser, *, lora: bool = True) -> None:
+    """``--lora`` (with ``lora``), ``--weights`` and ``--offload``: how a command loads its
+    checkpoint (``Pipeline.from_pretrained``)."""
+    if lora:
+        p.add_argument("--lora", type=Path, default=None, metavar="DIR",
+                       help="a LoRA adapter folder (`cheers export` of a LoRA run), applied without merging")
+    p.add_argument("--weights", choices=["int8", "fp8"], default=None,
+                   help="weight-only int8 / fp8 LLM and flow-head linears (torchao); fp8 needs a GPU of "
+                        "compute capability 8.9 or more")
+    p.add_argument("--offload", choices=["model", "sequential"], default=None,
+                   help="keep the weights in CPU memory and move them to the GPU when used: a part (model) "
+                        "or a block (sequential) at a time; needs --device cuda")
+
+
+def model_load_options(args: argparse.Namespace) -> dict:
+    """``Pipeline.from_pretrained`` keywords of ``model_load_args``' flags, checked against this
+    machine (``InputError`` names the flag) before any loading."""
+    from cheers.low_memory import check_options
+
+    check_options(args.device, args.weights, args.offload)
+    options = {"weights": args.weights, "offload": args.offload}
+    if getattr(args, "lora", None) is not None:
+        if not args.lora.is_dir():
+            raise InputError(f"--lora {args.lora}: no such folder")
+        options["lora"] = args.lora
+    return options

@@ -67,7 +67,8 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # an offloaded model's weights live on the CPU and run where its hooks move them
+        return getattr(self.model, "execution_device", None) or next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -66,23 +66,42 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        text_tokenizer: str | Path | None = None, lora: str | Path | None = None) -> Pipeline:
-        """Load a checkpoint folder; ``lora``: an adapter folder (``cheers export`` of a LoRA run)
-        applied on top without merging."""
+                        text_tokenizer: str | Path | None = None, lora: str | Path | None = None,
+                        weights: str | None = None, offload: str | None = None) -> Pipeline:
+        """Load a checkpoint folder. ``lora``: an adapter folder (``cheers export`` of a LoRA run)
+        applied on top without merging; ``weights``: ``"int8"`` / ``"fp8"`` weight-only LLM and
+        flow-head linears; ``offload``: ``"model"`` / ``"sequential"`` CPU offload onto the GPU
+        ``device`` (``cheers.low_memory``)."""
+        from cheers.low_memory import check_options
+
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {path}")
         if lora is not None and not Path(lora).is_dir():
             raise CheckpointError(f"LoRA folder not found: {lora}")
+        check_options(device, weights, offload)
+        if weights is not None and offload is not None:
+            raise InputError("--weights and --offload together are not supported: choose one")
         tok = TextTokenizer.from_dir(text_tokenizer or path)
-        model = load_pretrained(path, device=device, dtype=dtype, tokens=tok.special)
+        model = load_pretrained(path, device="cpu" if offload else device, dtype=dtype, tokens=tok.special)
         if lora is not None:
             from cheers.config import to_dict
             from cheers.lora import load_adapter
 
             load_adapter(model, lora, model_config=to_dict(model.cfg))
-            model.to(device=device, dtype=dtype).eval()
-        return cls(model, tok)
+            model.to(device="cpu" if offload else device, dtype=dtype).eval()
+        if weights is not None:
+            from cheers.low_memory import quantize_weights
+
+            quantize_weights(model, weights)
+        if offload is not None:
+            from cheers.low_memory import offload as offload_model
+
+            offload_model(model, offload, device)
+        pipe = cls(model, tok)
+        if offload is not None:  # CUDA graphs would capture weights the hooks move
+            pipe.engine = Engine(model, static=False)
+        return pipe
 
     @property
     def image_size(self) -> int:

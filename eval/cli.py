@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cheers.cli_args import OneLineParser, non_negative_int, number, positive_int
+from cheers.cli_args import OneLineParser, model_load_args, non_negative_int, number, positive_int
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--ckpt", type=Path, default=None, help="checkpoint folder (default: the shapes demo's)"
     )
     p.add_argument("--device", default="cpu")
+    model_load_args(p, lora=False)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

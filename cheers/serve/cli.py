@@ -7,7 +7,14 @@ import logging
 import os
 from pathlib import Path
 
-from cheers.cli_args import OneLineParser, integer, number, positive_int
+from cheers.cli_args import (
+    OneLineParser,
+    integer,
+    model_load_args,
+    model_load_options,
+    number,
+    positive_int,
+)
 from cheers.errors import CheersError
 from cheers.serve.config import ServeConfig
 
@@ -20,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt", type=Path, default=None,
                     help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
     ap.add_argument("--device", default="cpu")
+    model_load_args(ap)
     ap.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
     ap.add_argument("--port", type=integer(0), default=d.port)
     ap.add_argument("--api-key", default=os.environ.get("CHEERS_API_KEY") or None,
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("cheers.serve").warning(
             "bound to every address, but only Host headers %s are answered: name this machine's with --allowed-hosts",
             "/".join(sorted(cfg.host_names())))
-    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device, **model_load_options(args))
     print(f"cheers serve: {cfg.model_name} ({ckpt}) on http://{cfg.host}:{cfg.port}/", flush=True)
     Server(uvicorn.Config(create_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level=args.log_level,
                           limit_concurrency=args.limit_concurrency,
