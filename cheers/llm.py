@@ -2,7 +2,7 @@
 
 Submodule names are those of ``transformers``' ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
 without the leading ``model.``, so a HF state dict maps over by stripping that prefix
-(``cheers.llm_hf_adapter`` reads and writes HF folders).
+(``cheers.adapters.hf_qwen`` reads and writes HF folders).
 Attention goes through :func:`cheers.attention.attend` (SDPA, FlexAttention or flash-attn) and
 takes the Cheers mask (causal text, bidirectional image blocks) from ``cheers.attention``.
 """

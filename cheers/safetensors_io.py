@@ -260,6 +260,11 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def check(self, what: str = "module") -> None:
+        """Raise ``CheckpointError`` with :meth:`describe` unless every tensor fits."""
+        if not self.ok:
+            raise CheckpointError(self.describe(what))
+
     def describe(self, what: str = "module") -> str:
         """A multi-line message listing every problem by name."""
 
@@ -293,17 +298,21 @@ def _alias_groups(module: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_id.values() for name in names}
 
 
-def load_checked(
-    module: nn.Module, state_dict: Mapping[str, Any], *, source: str, strict: bool = True
+def fit_report(
+    module: nn.Module, state_dict: Mapping[str, Any], *, source: str,
+    display: Callable[[str], str] | None = None,
 ) -> LoadReport:
-    """Compare names and shapes with ``module.state_dict()``, then copy the values in.
+    """Compare names and shapes of ``state_dict`` with ``module.state_dict()``, copying nothing
+    (so ``module`` may live on the ``meta`` device); ``loaded`` lists the tensors that fit.
 
-    Nothing is copied until the comparison is done. With ``strict`` any missing, unexpected or
-    mis-shaped tensor raises ``CheckpointError`` listing them all, with ``source`` (the file or
-    folder) in the message. With ``strict=False`` the tensors that fit are loaded and the report
-    is returned. A tied weight counts as present when any of its names is in ``state_dict``.
-    Values are cast to the module's own dtype and device.
+    A tied weight counts as present when any of its names is in ``state_dict``. ``display``
+    maps our names to the checkpoint's own in the problems listed.
     """
+
+    def shown(name: str) -> str:
+        theirs = display(name) if display else name
+        return name if theirs == name else f"{theirs} (ours: {name})"
+
     expected = module.state_dict()
     aliases = _alias_groups(module)
     report = LoadReport(source=source)
@@ -311,19 +320,36 @@ def load_checked(
         if name in state_dict:
             continue
         if not any(a in state_dict for a in aliases.get(name, [])):
-            report.missing.append(name)
-    fitting: dict[str, Any] = {}
+            report.missing.append(shown(name))
     for name, value in state_dict.items():
         if name not in expected:
-            report.unexpected.append(name)
+            report.unexpected.append(shown(name))
             continue
         want = expected[name]
         if isinstance(want, Tensor) and isinstance(value, Tensor) and want.shape != value.shape:
-            report.mismatched.append((name, tuple(want.shape), tuple(value.shape)))
+            report.mismatched.append((shown(name), tuple(want.shape), tuple(value.shape)))
             continue
-        fitting[name] = value
-    if strict and not report.ok:
-        raise CheckpointError(report.describe(type(module).__name__))
+        report.loaded.append(name)
+    return report
+
+
+def load_checked(
+    module: nn.Module, state_dict: Mapping[str, Any], *, source: str, strict: bool = True,
+    display: Callable[[str], str] | None = None,
+) -> LoadReport:
+    """Compare names and shapes with ``module.state_dict()`` (:func:`fit_report`), then copy the
+    values in: the one loading path of every checkpoint layout (``cheers.adapters``).
+
+    Nothing is copied until the comparison is done. With ``strict`` any missing, unexpected or
+    mis-shaped tensor raises ``CheckpointError`` listing them all, with ``source`` (the file or
+    folder) in the message. With ``strict=False`` the tensors that fit are loaded and the report
+    is returned. A tied weight counts as present when any of its names is in ``state_dict``.
+    Values are cast to the module's own dtype and device.
+    """
+    report = fit_report(module, state_dict, source=source, display=display)
+    fitting = {name: state_dict[name] for name in report.loaded}
+    if strict:
+        report.check(type(module).__name__)
     # load_state_dict keeps custom _load_from_state_dict hooks (e.g. quantised layers) working
     # and copies in place, so dtype, device and weight ties of the module are kept.
     result = module.load_state_dict(fitting, strict=False)

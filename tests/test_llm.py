@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from cheers.adapters.hf_qwen import config_from_hf_qwen, hf_qwen_to_ours, load_hf_qwen, save_hf_qwen
 from cheers.attention import build_dense_mask, image_block_ids
 from cheers.config import LLMConfig
 from cheers.errors import CheckpointError, InputError
 from cheers.kv_cache import KVCache
 from cheers.llm import LLM
-from cheers.llm_hf_adapter import hf_to_llm_state_dict, llm_config_from_hf, load_hf_llm, save_hf_llm
 from cheers.safetensors_io import load_checked
 
 transformers = pytest.importorskip("transformers")
@@ -46,9 +46,9 @@ def _hf_model(kind: str, tied: bool, seed: int = 0):
 
 
 def _ours_from_hf(hf) -> LLM:
-    cfg = llm_config_from_hf(hf.config.to_dict())
+    cfg = config_from_hf_qwen(hf.config.to_dict())
     llm = LLM(cfg).eval()
-    load_checked(llm, hf_to_llm_state_dict(hf.state_dict(), cfg, source="hf"), source="hf")
+    load_checked(llm, hf_qwen_to_ours(hf.state_dict(), cfg, source="hf"), source="hf")
     return llm
 
 
@@ -82,7 +82,7 @@ def test_loads_transformers_folder_sharded(tmp_path, kind, tied):
     hf = _hf_model(kind, tied, seed=3)
     hf.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()  # really sharded
-    ours = load_hf_llm(tmp_path)
+    ours = load_hf_qwen(tmp_path)
     ids = torch.randint(0, 128, (1, 17))
     diff = (hf(input_ids=ids).logits - ours(ids)).abs().max().item()
     print(f"HF folder -> ours ({kind}): max abs diff {diff:.3e}")
@@ -95,7 +95,7 @@ def test_loads_transformers_folder_sharded(tmp_path, kind, tied):
 @torch.no_grad()
 def test_our_save_loads_in_transformers(tmp_path, kind, tied, shard):
     ours = _ours_from_hf(_hf_model(kind, tied, seed=5))
-    save_hf_llm(ours, tmp_path, max_shard_bytes=shard)
+    save_hf_qwen(ours, tmp_path, max_shard_bytes=shard)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == kind and config["architectures"][0].startswith(kind.title())
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -103,13 +103,13 @@ def test_our_save_loads_in_transformers(tmp_path, kind, tied, shard):
     diff = (hf(input_ids=ids).logits - ours(ids)).abs().max().item()
     print(f"ours -> HF folder ({kind}): max abs diff {diff:.3e}")
     assert diff < 1e-4
-    again = load_hf_llm(tmp_path)
+    again = load_hf_qwen(tmp_path)
     assert torch.equal(again(ids), ours(ids))
 
 
 def test_load_hf_llm_accepts_tied_head_in_file(tmp_path):
     ours = _tiny_llm()
-    save_hf_llm(ours, tmp_path)
+    save_hf_qwen(ours, tmp_path)
     from cheers.safetensors_io import read_state_dict, write_safetensors
 
     state = read_state_dict(tmp_path)
@@ -118,13 +118,13 @@ def test_load_hf_llm_accepts_tied_head_in_file(tmp_path):
     write_safetensors(state, tmp_path / "model.safetensors")
     ids = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
-        assert torch.equal(load_hf_llm(tmp_path)(ids), ours(ids))
+        assert torch.equal(load_hf_qwen(tmp_path)(ids), ours(ids))
 
 
 def test_load_hf_llm_dtype(tmp_path):
-    save_hf_llm(_tiny_llm(), tmp_path)
-    assert load_hf_llm(tmp_path).norm.weight.dtype == torch.float32
-    assert load_hf_llm(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    save_hf_qwen(_tiny_llm(), tmp_path)
+    assert load_hf_qwen(tmp_path).norm.weight.dtype == torch.float32
+    assert load_hf_qwen(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- construction
@@ -335,28 +335,28 @@ def test_ids_xor_embeds():
 def test_wrong_model_type_names_file_and_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **TINY}))
     with pytest.raises(CheckpointError, match=r"config\.json: model_type 'llama' is not supported"):
-        load_hf_llm(tmp_path)
+        load_hf_qwen(tmp_path)
 
 
 def test_rope_theta_read_from_rope_parameters():
     data = {"model_type": "qwen2", **TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
-    assert llm_config_from_hf(data).rope_theta == 5e5
-    assert llm_config_from_hf({"model_type": "qwen2", **TINY, "rope_theta": 7.0}).rope_theta == 7.0
-    q3 = llm_config_from_hf({"model_type": "qwen3", **TINY, "head_dim": 24})
+    assert config_from_hf_qwen(data).rope_theta == 5e5
+    assert config_from_hf_qwen({"model_type": "qwen2", **TINY, "rope_theta": 7.0}).rope_theta == 7.0
+    q3 = config_from_hf_qwen({"model_type": "qwen3", **TINY, "head_dim": 24})
     assert q3.head_dim == 24 and q3.qk_norm and not q3.attention_bias
     with pytest.raises(CheckpointError, match="rope_type 'yarn'"):
-        llm_config_from_hf({"model_type": "qwen2", **TINY, "rope_parameters": {"rope_type": "yarn"}})
+        config_from_hf_qwen({"model_type": "qwen2", **TINY, "rope_parameters": {"rope_type": "yarn"}})
 
 
 def test_missing_tensor_in_folder_is_named(tmp_path):
-    save_hf_llm(_tiny_llm(), tmp_path)
+    save_hf_qwen(_tiny_llm(), tmp_path)
     from cheers.safetensors_io import read_state_dict, write_safetensors
 
     state = read_state_dict(tmp_path)
     del state["model.layers.1.mlp.up_proj.weight"]
     write_safetensors(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing: layers\.1\.mlp\.up_proj\.weight"):
-        load_hf_llm(tmp_path)
+        load_hf_qwen(tmp_path)
     with pytest.warns(UserWarning, match="1 missing"):
-        llm = load_hf_llm(tmp_path, strict=False)
+        llm = load_hf_qwen(tmp_path, strict=False)
     assert torch.isfinite(llm.layers[1].mlp.up_proj.weight).all()

@@ -155,7 +155,7 @@ def test_compressor_out_rms_fixes_the_image_token_scale():
     official layout cannot hold it and says so."""
     import dataclasses
 
-    from cheers.checkpoint import config_to_official
+    from cheers.adapters.official import config_to_official
     from cheers.errors import CheckpointError
 
     cfg = flavour("debug")
@@ -203,7 +203,7 @@ def test_x1_output_is_read_with_the_training_clamp_in_sampling():
 def test_time_scale_multiplies_t_and_stays_out_of_the_official_layout():
     import dataclasses
 
-    from cheers.checkpoint import config_to_official
+    from cheers.adapters.official import config_to_official
     from cheers.errors import CheckpointError
     from cheers.flow_head.model import TimeEmbedding
 
@@ -224,7 +224,7 @@ def test_latent_shortcuts_read_the_right_cells_and_stay_out_of_the_official_layo
     shapes-world options that the official layout refuses."""
     import dataclasses
 
-    from cheers.checkpoint import config_to_official
+    from cheers.adapters.official import config_to_official
     from cheers.errors import CheckpointError
 
     base = flavour("debug")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cheers.checkpoint import load_pretrained, official_to_ours, ours_to_official
+from cheers.adapters.official import official_to_ours, ours_to_official
+from cheers.checkpoint import load_pretrained
 from cheers.config import SpecialTokens
 from cheers.engine import Engine
 from cheers.safetensors_io import read_state_dict

@@ -1,4 +1,4 @@
-"""VAE, latent normalisation and checkpoint translation (tokenizer/vae.py, latent.py, vae_keys.py).
+"""VAE, latent normalisation and checkpoint translation (tokenizer/vae.py, latent.py, cheers/adapters/diffusers_vae.py).
 
 Parity is against the official implementation's recorded outputs in
 ``tests/fixtures/official_cheers_tiny`` (fp32, CPU); tolerance |a - b| <= 1e-4 * max(1, max|b|).
@@ -15,22 +15,21 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from safetensors.torch import load_file, save_file
 
-from cheers.checkpoint import config_to_official
+from cheers.adapters.diffusers_vae import (
+    OFFICIAL_PIXEL_DECODER_PREFIX,
+    OFFICIAL_VAE_PREFIX,
+    config_from_diffusers_vae,
+    config_from_official_vae,
+    load_vae_folder,
+    official_vae_to_ours,
+    ours_to_official_vae,
+)
+from cheers.adapters.official import config_to_official
 from cheers.config import VAEConfig, flavour
 from cheers.errors import CheckpointError, ConfigError, InputError
 from cheers.safetensors_io import load_checked
 from cheers.tokenizer.latent import LatentNorm, patchify, to_grid, to_tokens, unpatchify
 from cheers.tokenizer.vae import VAE, PixelDecoder, VAEDecoder, VAEEncoder
-from cheers.tokenizer.vae_keys import (
-    OFFICIAL_PIXEL_DECODER_PREFIX,
-    OFFICIAL_VAE_PREFIX,
-    check_state_dict,
-    load_vae_folder,
-    official_to_ours,
-    ours_to_official,
-    vae_config_from_diffusers,
-    vae_config_from_official,
-)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_cheers_tiny"
 
@@ -52,7 +51,7 @@ def official() -> dict:
     """The fixture: config, official VAE / pixel-decoder state dicts, inputs, outputs."""
     full = load_file(str(FIXTURE / "model.safetensors"))
     return {
-        "cfg": vae_config_from_official(json.loads((FIXTURE / "config.json").read_text())),
+        "cfg": config_from_official_vae(json.loads((FIXTURE / "config.json").read_text())),
         "vae_sd": _sub(full, OFFICIAL_VAE_PREFIX),
         "pd_sd": _sub(full, OFFICIAL_PIXEL_DECODER_PREFIX),
         "inputs": load_file(str(FIXTURE / "inputs.safetensors")),
@@ -64,8 +63,8 @@ def official() -> dict:
 def loaded(official) -> tuple[VAE, PixelDecoder]:
     cfg = official["cfg"]
     vae, pd = VAE(cfg).eval(), PixelDecoder(cfg).eval()
-    load_checked(vae, official_to_ours(official["vae_sd"], cfg), source="fixture vae_model")
-    load_checked(pd, official_to_ours(official["pd_sd"], cfg), source="fixture projector")
+    load_checked(vae, official_vae_to_ours(official["vae_sd"], cfg), source="fixture vae_model")
+    load_checked(pd, official_vae_to_ours(official["pd_sd"], cfg), source="fixture projector")
     return vae, pd
 
 
@@ -84,9 +83,9 @@ def test_config_from_official(official):
     assert cfg.latent_channels == 4 * enc["z_channels"]
     assert cfg.downsample == 2 * 2 ** (len(enc["ch_mult"]) - 1)
     # the released config.json only names the resolution: every field takes the default
-    assert vae_config_from_official({"vae_encoder_config": {"resolution": 512}}) == VAEConfig()
+    assert config_from_official_vae({"vae_encoder_config": {"resolution": 512}}) == VAEConfig()
     with pytest.raises(ConfigError, match="vae_decoder_config.double_z"):
-        vae_config_from_official({"vae_decoder_config": {"double_z": True}})
+        config_from_official_vae({"vae_decoder_config": {"double_z": True}})
 
 
 @torch.no_grad()
@@ -122,17 +121,17 @@ def test_official_round_trip_exact(official):
     cfg = official["cfg"]
     for part in ("vae_sd", "pd_sd"):
         sd = official[part]
-        back = ours_to_official(official_to_ours(sd, cfg), cfg)
+        back = ours_to_official_vae(official_vae_to_ours(sd, cfg), cfg)
         assert back.keys() == sd.keys()
         for k, v in sd.items():
             assert back[k].shape == v.shape and torch.equal(back[k], v), k
     # ours -> official -> ours on a freshly initialised model
     vae = VAE(cfg)
     ours = vae.state_dict()
-    again = official_to_ours(ours_to_official(ours, cfg), cfg)
+    again = official_vae_to_ours(ours_to_official_vae(ours, cfg), cfg)
     assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
     # LDM `up.{level}` runs opposite to diffusers' up_blocks
-    assert "decoder.net.up_blocks.3.resnets.0.conv_shortcut.weight" in official_to_ours(
+    assert "decoder.net.up_blocks.3.resnets.0.conv_shortcut.weight" in official_vae_to_ours(
         {"decoder.up.0.block.0.nin_shortcut.weight": torch.zeros(1)}, cfg
     )
 
@@ -169,12 +168,12 @@ def test_bad_keys_named(official, tmp_path):
 
     unknown = {**vae_sd, "encoder.mid.attn_2.q.weight": torch.zeros(32, 32, 1, 1)}
     with pytest.raises(CheckpointError, match=r"encoder\.mid\.attn_2\.q\.weight"):
-        official_to_ours(unknown, cfg)
+        official_vae_to_ours(unknown, cfg)
 
     missing = dict(vae_sd)
     del missing["decoder.up.1.upsample.conv.bias"]
     with pytest.raises(CheckpointError, match=r"missing.*decoder\.net\.up_blocks\.2\.upsamplers"):
-        load_checked(VAE(cfg), official_to_ours(missing, cfg), source="test")
+        load_checked(VAE(cfg), official_vae_to_ours(missing, cfg), source="test")
     file = tmp_path / "missing.safetensors"
     save_file(missing, str(file))
     # through the file loader the message also gives the checkpoint's own name
@@ -185,11 +184,11 @@ def test_bad_keys_named(official, tmp_path):
     with torch.device("meta"):
         shape_only = VAE(cfg)
     with pytest.raises(CheckpointError, match=r"mis-shaped.*encoder\.net\.conv_in\.weight"):
-        check_state_dict(shape_only, official_to_ours(misshaped, cfg), source="test")
+        load_checked(shape_only, official_vae_to_ours(misshaped, cfg), source="test")
 
     # a pixel-decoder state dict does not fit a whole VAE: the encoder is reported missing
     with pytest.raises(CheckpointError, match="missing"):
-        check_state_dict(shape_only, official_to_ours(official["pd_sd"], cfg), source="test")
+        load_checked(shape_only, official_vae_to_ours(official["pd_sd"], cfg), source="test")
 
 
 # ------------------------------------------------------------------------------ diffusers folders
@@ -223,7 +222,7 @@ def test_diffusers_autoencoder_kl(tmp_path):
     ref.save_pretrained(tmp_path / "ae")
 
     sd = load_vae_folder(tmp_path / "ae")
-    cfg = vae_config_from_diffusers(json.loads((tmp_path / "ae" / "config.json").read_text()))
+    cfg = config_from_diffusers_vae(json.loads((tmp_path / "ae" / "config.json").read_text()))
     assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels) == (32, [1, 2], 1, 4)
     vae = VAE(cfg).eval()
     load_checked(vae, sd, source="diffusers AutoencoderKL")
@@ -249,7 +248,7 @@ def test_diffusers_flux2(tmp_path):
     ref.save_pretrained(tmp_path / "pipe" / "vae")
 
     sd = load_vae_folder(tmp_path / "pipe")  # a pipeline folder: its vae/ subfolder is used
-    cfg = vae_config_from_diffusers(json.loads((tmp_path / "pipe/vae/config.json").read_text()))
+    cfg = config_from_diffusers_vae(json.loads((tmp_path / "pipe/vae/config.json").read_text()))
     assert (cfg.decoder_ch, cfg.decoder_ch_mult) == (32, [1, 1])
     vae = VAE(cfg).eval()
     load_checked(vae, sd, source="diffusers AutoencoderKLFlux2")
@@ -265,9 +264,9 @@ def test_diffusers_flux2(tmp_path):
 
 def test_diffusers_config_rejects_unsupported():
     with pytest.raises(ConfigError, match="act_fn"):
-        vae_config_from_diffusers({"_class_name": "AutoencoderKL", "act_fn": "gelu"})
+        config_from_diffusers_vae({"_class_name": "AutoencoderKL", "act_fn": "gelu"})
     with pytest.raises(ConfigError, match="_class_name"):
-        vae_config_from_diffusers({"_class_name": "AutoencoderTiny"})
+        config_from_diffusers_vae({"_class_name": "AutoencoderTiny"})
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -17,7 +17,7 @@ their own ``LatentNorm``: the official checkpoint stores two with different stat
 
 State-dict keys (ours): ``encoder.net.*`` (diffusers ``Encoder`` names),
 ``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``, ``decoder.net.*`` (diffusers
-``Decoder`` names), ``bn.*``. ``tokenizer/vae_keys.py`` translates the official and
+``Decoder`` names), ``bn.*``. ``cheers.adapters.diffusers_vae`` translates the official and
 diffusers layouts to these.
 """
 

@@ -339,7 +339,8 @@ def load_exported(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
 
     Reads our exported folders and released (official-layout) ones alike.
     """
-    from cheers.checkpoint import load_config, official_to_ours
+    from cheers.adapters.official import official_to_ours
+    from cheers.checkpoint import load_config
     from cheers.safetensors_io import read_state_dict
 
     cfg, official = load_config(folder)

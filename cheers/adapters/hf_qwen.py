@@ -1,7 +1,7 @@
 """Hugging Face Qwen2 / Qwen2.5 / Qwen3 folders <-> our :class:`cheers.llm.LLM`.
 
 A HF folder is ``config.json`` + safetensors (sharded or not); ``transformers`` loads what
-:func:`save_hf_llm` writes. The files themselves go through ``cheers.safetensors_io``.
+:func:`save_hf_qwen` writes. The files themselves go through ``cheers.safetensors_io``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cheers.safetensors_io import (
 )
 
 
-def load_hf_llm(
+def load_hf_qwen(
     path: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -38,9 +38,9 @@ def load_hf_llm(
     that do not fit are reported in a warning and the rest keeps its fresh initialisation.
     """
     path = Path(path)
-    cfg = llm_config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    cfg = config_from_hf_qwen(read_json(path / "config.json"), source=str(path / "config.json"))
     state = read_state_dict(path)
-    state = hf_to_llm_state_dict(state, cfg, source=str(path))
+    state = hf_qwen_to_ours(state, cfg, source=str(path))
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     with torch.device("meta"):
@@ -55,25 +55,25 @@ def load_hf_llm(
     return model
 
 
-def save_hf_llm(llm: LLM, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
+def save_hf_qwen(llm: LLM, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write ``config.json`` and safetensors in the HF layout (``transformers`` loads it)."""
     path = Path(path)
     dtype = llm.embed_tokens.weight.dtype
-    write_state_dict(llm_to_hf_state_dict(llm), path, max_shard_bytes=max_shard_bytes)
-    write_json(hf_config_from_llm(llm.cfg, dtype=dtype), path / "config.json")
+    write_state_dict(ours_to_hf_qwen(llm.state_dict(), llm.cfg), path, max_shard_bytes=max_shard_bytes)
+    write_json(config_to_hf_qwen(llm.cfg, dtype=dtype), path / "config.json")
 
 
-def llm_to_hf_state_dict(llm: LLM) -> dict[str, Tensor]:
+def ours_to_hf_qwen(state: dict[str, Tensor], cfg: LLMConfig) -> dict[str, Tensor]:
     """Our names -> HF names (``model.`` prefix); a tied head is stored once, as the embedding."""
-    state = {}
-    for name, t in llm.state_dict().items():
+    out = {}
+    for name, t in state.items():
         if name == "lm_head.weight":
-            if llm.cfg.tie_word_embeddings:
+            if cfg.tie_word_embeddings:
                 continue
-            state[name] = t
+            out[name] = t
         else:
-            state["model." + name] = t
-    return state
+            out["model." + name] = t
+    return out
 
 
 def _rope_theta(data: dict[str, Any], source: str) -> float:
@@ -90,7 +90,7 @@ def _rope_theta(data: dict[str, Any], source: str) -> float:
     return float(theta)
 
 
-def llm_config_from_hf(data: dict[str, Any], *, source: str = "config.json") -> LLMConfig:
+def config_from_hf_qwen(data: dict[str, Any], *, source: str = "config.json") -> LLMConfig:
     """An :class:`LLMConfig` from a HF ``config.json`` dict (model_type ``qwen2`` or ``qwen3``)."""
     model_type = data.get("model_type")
     if model_type not in ("qwen2", "qwen3"):
@@ -130,7 +130,7 @@ def llm_config_from_hf(data: dict[str, Any], *, source: str = "config.json") -> 
         raise CheckpointError(f"{source}: {e}") from e
 
 
-def hf_config_from_llm(cfg: LLMConfig, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def config_to_hf_qwen(cfg: LLMConfig, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The HF ``config.json`` dict for ``cfg`` (qwen3 when it has q/k norm, else qwen2)."""
     if cfg.qk_norm:
         if cfg.attention_bias:
@@ -165,7 +165,7 @@ def hf_config_from_llm(cfg: LLMConfig, *, dtype: torch.dtype = torch.float32) ->
     return out
 
 
-def hf_to_llm_state_dict(
+def hf_qwen_to_ours(
     state: dict[str, Tensor], cfg: LLMConfig, *, source: str
 ) -> dict[str, Tensor]:
     """Map HF names (``model.layers.0...``, ``lm_head.weight``) to ours.

@@ -1,4 +1,5 @@
-"""Name translation between checkpoint layouts of the VAE and our modules (``tokenizer/vae.py``).
+"""VAE checkpoints (diffusers folders, the official / latent-diffusion layout) <-> our
+``cheers.tokenizer.vae`` modules: configs, tensor names, and reading folders and files.
 
 Three layouts are read:
 
@@ -15,7 +16,7 @@ Three layouts are read:
 * **diffusers** folders of ``AutoencoderKL`` (SD / FLUX.1 type, no BatchNorm) and
   ``AutoencoderKLFlux2`` (FLUX.2, with ``bn.*``): top-level ``quant_conv``,
   ``post_quant_conv``, ``encoder.*`` / ``decoder.*`` in diffusers names.
-* **ours**: see ``tokenizer/vae.py``.
+* **ours**: see ``cheers/tokenizer/vae.py`` (the folder ``tokenizer/vae.py``).
 
 The translation renames keys and reshapes the mid-block attention weights between 1x1 conv
 ``[C, C, 1, 1]`` (official) and linear ``[C, C]`` (diffusers, ours); values are untouched,
@@ -27,7 +28,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,11 @@ from typing import Any
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from cheers.config import VAEConfig
 from cheers.errors import CheckpointError, ConfigError
-from cheers.safetensors_io import LoadReport, read_json, read_state_dict
-
-from .vae import VAE
+from cheers.safetensors_io import fit_report, read_json, read_state_dict
+from cheers.tokenizer.vae import VAE
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def _official_part(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(part)
 
 
-def vae_config_from_official(config: Mapping[str, Any]) -> VAEConfig:
+def config_from_official_vae(config: Mapping[str, Any]) -> VAEConfig:
     """``VAEConfig`` from an official Cheers ``config.json`` (the parsed dict).
 
     Reads ``vae_encoder_config`` and ``vae_decoder_config``; absent fields take the official
@@ -113,7 +112,7 @@ def _as_mult(widths: list[int], key: str) -> tuple[int, list[int]]:
     return base, [w // base for w in widths]
 
 
-def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
+def config_from_diffusers_vae(config: Mapping[str, Any]) -> VAEConfig:
     """``VAEConfig`` from a diffusers ``AutoencoderKL`` / ``AutoencoderKLFlux2`` ``config.json``.
 
     Raises ``ConfigError`` naming the key for a variant our modules cannot express
@@ -337,7 +336,7 @@ def _translate(
     return out
 
 
-def official_name(key: str, cfg: VAEConfig) -> str:
+def official_vae_name(key: str, cfg: VAEConfig) -> str:
     """The official LDM name of one of our keys (the key itself if it has none)."""
     renamed = _rename(key, len(cfg.decoder_ch_mult), forward=False)
     return key if renamed is None else renamed[0]
@@ -348,26 +347,26 @@ def _describe(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f", ... and {more} more" if more > 0 else "")
 
 
-def official_to_ours(
+def official_vae_to_ours(
     sd: Mapping[str, torch.Tensor], cfg: VAEConfig, *, source: str = "official state dict"
 ) -> dict[str, torch.Tensor]:
     """Official LDM-layout ``VAE`` or pixel-decoder state dict (prefix already removed) -> ours.
 
     Works for a ``VAE`` (``encoder.*``, ``decoder.*``, ``bn.*``) and a ``PixelDecoder``
     (``decoder.*``, ``bn.*``). An unknown name raises ``CheckpointError`` naming it; missing
-    and mis-shaped keys are found by :func:`check_state_dict` against the module.
+    and mis-shaped keys are found by ``cheers.safetensors_io.load_checked`` against the module.
     """
     return _translate(sd, cfg, forward=True, source=source)
 
 
-def ours_to_official(
+def ours_to_official_vae(
     sd: Mapping[str, torch.Tensor], cfg: VAEConfig, *, source: str = "state dict"
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`official_to_ours` (``VAE`` or ``PixelDecoder`` state dict)."""
+    """Inverse of :func:`official_vae_to_ours` (``VAE`` or ``PixelDecoder`` state dict)."""
     return _translate(sd, cfg, forward=False, source=source)
 
 
-def diffusers_to_ours(
+def diffusers_vae_to_ours(
     sd: Mapping[str, torch.Tensor], *, source: str = "diffusers state dict"
 ) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` / ``AutoencoderKLFlux2`` state dict -> ours.
@@ -399,39 +398,23 @@ def diffusers_to_ours(
     return out
 
 
-# ------------------------------------------------------------------------------ checking
-
-
-def check_state_dict(
-    module: nn.Module,
-    sd: Mapping[str, torch.Tensor],
-    *,
-    source: str,
-    display: Callable[[str], str] | None = None,
-) -> None:
-    """Raise ``CheckpointError`` naming every missing, unexpected or mis-shaped key.
-
-    Compares names and shapes only, so ``module`` may live on the ``meta`` device (this is
-    how :func:`load_vae_folder` checks a state dict without building real weights). To load
-    into a real module use ``cheers.safetensors_io.load_checked``, which runs the same comparison.
-    ``display`` maps our key names to the checkpoint's own for the message.
-    """
-
-    def shown(k: str) -> str:
-        theirs = display(k) if display else k
-        return k if theirs == k else f"{theirs} (ours: {k})"
-
-    expected = module.state_dict()
-    report = LoadReport(source=source)
-    report.missing = [shown(k) for k in sorted(set(expected) - set(sd))]
-    report.unexpected = [shown(k) for k in sorted(set(sd) - set(expected))]
-    report.mismatched = [
-        (shown(k), tuple(expected[k].shape), tuple(sd[k].shape))
-        for k in sorted(set(expected) & set(sd))
-        if tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-    if not report.ok:
-        raise CheckpointError(report.describe(type(module).__name__))
+def ours_to_diffusers_vae(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`diffusers_vae_to_ours`: our ``VAE`` state dict -> current diffusers names
+    (``AutoencoderKLFlux2`` with ``bn.*``; without it, ``AutoencoderKL``). The mid-block
+    attention stays linear, as diffusers stores it now."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if key.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.")):
+            new = key.split(".", 1)[1]
+        elif key.startswith(("encoder.net.", "decoder.net.")):
+            part, rest = key.split(".net.", 1)
+            new = f"{part}.{rest}"
+        elif key.startswith("bn."):
+            new = key
+        else:
+            raise CheckpointError(f"no diffusers name for our VAE tensor {key!r}")
+        out[new] = tensor
+    return out
 
 
 # ------------------------------------------------------------------------------ files
@@ -492,12 +475,12 @@ def _load_diffusers_folder(folder: Path, cfg: VAEConfig | None) -> tuple[dict, V
     config_file = folder / "config.json"
     config = read_json(config_file)
     try:
-        folder_cfg = vae_config_from_diffusers(config)
+        folder_cfg = config_from_diffusers_vae(config)
     except ConfigError as e:
         raise CheckpointError(f"{config_file}: {e}") from e
     cfg = cfg or folder_cfg
     raw = read_state_dict(folder, weights_name=DIFFUSERS_WEIGHTS)
-    sd = diffusers_to_ours(raw, source=str(folder))
+    sd = diffusers_vae_to_ours(raw, source=str(folder))
     if not any(k.startswith("bn.") for k in sd):
         scale = float(config.get("scaling_factor", 1.0))
         shift = float(config.get("shift_factor") or 0.0)
@@ -515,7 +498,7 @@ def _load_diffusers_folder(folder: Path, cfg: VAEConfig | None) -> tuple[dict, V
 def _load_official_folder(folder: Path, cfg: VAEConfig | None) -> tuple[dict, VAEConfig]:
     config_file = folder / "config.json"
     try:
-        folder_cfg = vae_config_from_official(read_json(config_file))
+        folder_cfg = config_from_official_vae(read_json(config_file))
     except ConfigError as e:
         raise CheckpointError(f"{config_file}: {e}") from e
     cfg = cfg or folder_cfg
@@ -524,7 +507,7 @@ def _load_official_folder(folder: Path, cfg: VAEConfig | None) -> tuple[dict, VA
         raw.update(_read_prefixed(file, OFFICIAL_VAE_PREFIX))
     if not raw:
         raise CheckpointError(f"{folder}: no {OFFICIAL_VAE_PREFIX}* tensors")
-    return official_to_ours(raw, cfg, source=str(folder)), cfg
+    return official_vae_to_ours(raw, cfg, source=str(folder)), cfg
 
 
 def _load_original_file(file: Path, cfg: VAEConfig) -> dict[str, torch.Tensor]:
@@ -542,7 +525,7 @@ def _load_original_file(file: Path, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     ):
         for k in [k for k in raw if k.startswith(top)]:
             raw[inner + k[len(top) :]] = raw.pop(k)
-    sd = official_to_ours(raw, cfg, source=str(file))
+    sd = official_vae_to_ours(raw, cfg, source=str(file))
     if not any(k.startswith("bn.") for k in sd):
         log.warning(
             "%s has no latent BatchNorm; using identity statistics (call "
@@ -560,7 +543,7 @@ def load_vae_folder(path: str | Path, cfg: VAEConfig | None = None) -> dict[str,
 
     * a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or its
       ``.index.json``), or a pipeline folder with such a ``vae/`` subfolder: ``cfg`` defaults
-      to :func:`vae_config_from_diffusers` of it. A VAE without BatchNorm (``AutoencoderKL``)
+      to :func:`config_from_diffusers_vae` of it. A VAE without BatchNorm (``AutoencoderKL``)
       gets ``bn`` statistics equal to its ``scaling_factor`` / ``shift_factor``;
     * an official Cheers checkpoint folder (``config.json`` with ``vae_encoder_config`` +
       ``model.safetensors``): the ``model.vae_model.*`` sub-tree;
@@ -592,6 +575,6 @@ def load_vae_folder(path: str | Path, cfg: VAEConfig | None = None) -> dict[str,
 
     with torch.device("meta"):
         shape_only = VAE(cfg)  # names and shapes only, no memory
-    display = (lambda k: official_name(k, cfg)) if official else None
-    check_state_dict(shape_only, sd, source=str(path), display=display)
+    display = (lambda k: official_vae_name(k, cfg)) if official else None
+    fit_report(shape_only, sd, source=str(path), display=display).check("VAE")
     return sd
