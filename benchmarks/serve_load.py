@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                                  # debug checkpoint, 8 clients, 25 s per mode
     python benchmarks/serve_load.py --ckpt ~/.cache/cheers/shapes-demo --seconds 60
     python benchmarks/serve_load.py ... --out figures.json           # the figures as JSON
+    python benchmarks/serve_load.py --modes --abandon-seconds 30     # only the clients-who-leave run
 
 It starts ``cheers serve`` once per mode, each in its own process on a free loopback port. ``N``
 clients (threads, one connection each) send requests back to back, so at most ``N`` are in
@@ -14,6 +15,12 @@ in the machine's other load weighs on both alike. The modes:
 - **sequential**: ``--max-batch 1``: one request at a time, in arrival order;
 - **batched**: the default scheduler: concurrent image requests share sampler batches and chats
   decode together (continuous batching).
+
+Then the **abandon** run, on one batched server: the same closed loop with a third of the
+clients leaving every request after ``--leave-after`` seconds (they hang up and send the next),
+alternating with rounds where nobody leaves. Printed: requests/s and p50 / p99 latency of the
+clients who stay, in both, and the server's count of cancelled requests: work cancelled for the
+clients who left must not cost the others.
 
 Printed per mode: requests/s, p50 and p99 latency (all requests and per kind), errors (any
 answer other than 200 under load), the server's resident memory (RSS) after start-up and after
@@ -114,31 +121,47 @@ class Server:
             self.proc.kill()
 
 
-def request(client: httpx.Client, kind: str, k: int, args, model: str) -> httpx.Response:
+def request(client: httpx.Client, kind: str, k: int, args, model: str,
+            timeout: httpx.Timeout | None = None) -> httpx.Response:
+    """One request; ``timeout`` replaces the client's (a read timeout is how a client leaves)."""
+    kw = {} if timeout is None else {"timeout": timeout}
     if kind == "chat":
         messages = [{"role": "user", "content": [{"type": "text", "text": "What colour is the circle?"},
                                                  {"type": "image_url", "image_url": {"url": image_uri(k)}}]}]
         return client.post("/v1/chat/completions", json={"model": model, "messages": messages, "temperature": 0,
-                                                         "max_tokens": args.max_tokens})
+                                                         "max_tokens": args.max_tokens}, **kw)
     return client.post("/v1/images/generations", json={"model": model, "prompt": "a photo of a red circle", "n": 1,
-                                                       "seed": k, "steps": args.steps, "response_format": "b64_json"})
+                                                       "seed": k, "steps": args.steps, "response_format": "b64_json"},
+                       **kw)
 
 
-def run_load(server: Server, args, model: str, seconds: float, seed: int) -> tuple[list, float]:
-    """``args.clients`` closed-loop clients for ``seconds`` -> ([(kind, status, latency)], wall time)."""
+LEFT = -3  # the status recorded for a request whose client hung up on purpose
+
+
+def run_load(server: Server, args, model: str, seconds: float, seed: int,
+             leave_share: float = 0.0) -> tuple[list, float]:
+    """``args.clients`` closed-loop clients for ``seconds`` -> ([(kind, status, latency)], wall
+    time). A request is left ``leave_share`` of the time: its client hangs up after
+    ``args.leave_after`` s (status ``LEFT``) and the loop's next client takes its place."""
     records: list[tuple[str, int, float]] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
+    leave = httpx.Timeout(600, read=args.leave_after)
 
     def client_loop(c: int) -> None:
         rng = random.Random(seed * 1000 + c)
+        leaves = random.Random(seed * 1000 + c + 500)  # apart, so both runs send the same kinds
         with httpx.Client(base_url=server.url, timeout=600) as client:
             k = 0
             while time.monotonic() < stop_at:
                 kind = "chat" if rng.random() < args.chat_share else "image"
+                left = leaves.random() < leave_share
                 t0 = time.monotonic()
                 try:
-                    status = request(client, kind, (seed * 1000 + c) * 100_000 + k, args, model).status_code
+                    status = request(client, kind, (seed * 1000 + c) * 100_000 + k, args, model,
+                                     timeout=leave if left else None).status_code
+                except httpx.ReadTimeout:
+                    status = LEFT if left else -1
                 except httpx.HTTPError:
                     status = -1
                 with lock:
@@ -189,6 +212,41 @@ def provoke_429(server: Server, args, model: str, queue_size: int) -> dict:
             "errors": sum(1 for c in codes if c not in (200, 429))}
 
 
+def measure_abandon(ckpt: Path, args, workdir: Path) -> dict:
+    """One batched server; rounds alternate between nobody leaving and a third of the requests
+    left after ``args.leave_after`` s. Figures of the requests whose clients stayed."""
+    server = Server(ckpt, MODES["batched"], 2 * args.clients, workdir / "serve-abandon.log")
+    try:
+        model = server.health()["model"]
+        with httpx.Client(base_url=server.url, timeout=600) as client:
+            for kind in ("chat", "image"):
+                request(client, kind, 0, args, model).raise_for_status()
+        runs = {"nobody_leaves": 0.0, "third_leaves": 1 / 3}
+        records: dict[str, list] = {name: [] for name in runs}
+        wall = dict.fromkeys(runs, 0.0)
+        counted = ("cancelled", "prefills", "image_rows", "decode_steps")  # what the model did, per run
+        work = {name: dict.fromkeys(counted, 0) for name in runs}
+        for r in range(args.rounds):
+            for name, n in runs.items():
+                before = server.health()["stats"]
+                got, seconds = run_load(server, args, model, args.abandon_seconds / args.rounds, seed=100 + r,
+                                        leave_share=n)
+                records[name] += got
+                wall[name] += seconds
+                time.sleep(1.0)  # the abandoned requests' cancellation is counted by now
+                after = server.health()["stats"]
+                for key in counted:
+                    work[name][key] += after[key] - before[key]
+        out = {"clients": args.clients, "leave_after_s": args.leave_after}
+        for name in runs:
+            staying = [rec for rec in records[name] if rec[1] != LEFT]
+            left = sum(1 for rec in records[name] if rec[1] == LEFT)
+            out[name] = {**summarise(staying, wall[name]), "abandoned": left, "server": work[name]}
+        return out
+    finally:
+        server.stop()
+
+
 def measure(modes: list[str], ckpt: Path, args, workdir: Path) -> dict:
     """Every mode's server up at once (an idle one uses no CPU); load phases alternate between
     them over ``args.rounds`` rounds, so a change in the machine's other load hits both."""
@@ -236,12 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per chat answer")
     ap.add_argument("--steps", type=int, default=10, help="sampler steps per generated image")
     ap.add_argument("--rounds", type=int, default=3, help="load phases per mode, alternating between the modes")
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--abandon-seconds", type=float, default=None,
+                    help="load time of each side of the abandon run (default: --seconds; 0 skips it)")
+    ap.add_argument("--leave-after", type=float, default=0.2, help="seconds before a leaving client hangs up")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = ap.parse_args(argv)
-    for name in ("clients", "seconds", "max_tokens", "steps", "rounds"):
+    args.abandon_seconds = args.seconds if args.abandon_seconds is None else args.abandon_seconds
+    for name in ("clients", "seconds", "max_tokens", "steps", "rounds", "leave_after"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.abandon_seconds < 0:
+        ap.error("--abandon-seconds must be >= 0")
+    if not args.modes and not args.abandon_seconds:
+        ap.error("nothing to run: no --modes and --abandon-seconds 0")
     if not 0 <= args.chat_share <= 1:
         ap.error("--chat-share must be in [0, 1]")
     if args.ckpt is not None and not args.ckpt.is_dir():
@@ -251,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), python {platform.python_version()}")
-    print(f"load: {args.clients} clients x {args.seconds:.0f} s per mode in {args.rounds} alternating rounds, "
-          f"chat share {args.chat_share}, "
-          f"chat {args.max_tokens} tokens, images {args.steps} steps")
+    print(f"load: {args.clients} clients x {args.seconds:.0f} s per mode ({', '.join(args.modes) or 'none'}) and "
+          f"{args.abandon_seconds:.0f} s per side of the abandon run, in {args.rounds} alternating rounds, "
+          f"chat share {args.chat_share}, chat {args.max_tokens} tokens, images {args.steps} steps")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ckpt = args.ckpt
@@ -263,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = workdir / "debug-checkpoint"
             make_debug_checkpoint(ckpt)
         print(f"checkpoint: {ckpt if args.ckpt else 'random debug checkpoint'}")
-        results = measure(args.modes, ckpt, args, workdir)
+        results = measure(args.modes, ckpt, args, workdir) if args.modes else {}
+        abandon = measure_abandon(ckpt, args, workdir) if args.abandon_seconds else None
         for mode, r in results.items():
             s = r["server_stats"]
             print(f"\n[{mode}] {r['requests']} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.3f} requests/s, "
@@ -278,13 +345,31 @@ def main(argv: list[str] | None = None) -> int:
             b = r["burst"]
             print(f"  burst of {b['sent']}: {b['ok']} served, {b['rejected_429']} refused with 429 (on purpose), "
                   f"errors {b['errors']}")
+    if abandon is not None:
+        stay, leave = abandon["nobody_leaves"], abandon["third_leaves"]
+        print(f"\n[abandon] {abandon['clients']} clients; a third of the requests are left after {args.leave_after:g} s "
+              "(the client hangs up, the next takes its place), in rounds alternating with rounds where nobody "
+              "leaves; figures of the requests whose clients stayed:")
+        for name, r in (("nobody leaves", stay), ("a third leave", leave)):
+            print(f"  {name:14s} {r['requests']:4d} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.3f} requests/s, "
+                  f"p50 {fmt(r['all']['p50_s'])}, p99 {fmt(r['all']['p99_s'])}, errors {r['errors']}; "
+                  f"abandoned {r['abandoned']}")
+            w = r["server"]
+            print(f"  {'':14s} server: {w['cancelled']} cancelled, {w['prefills']} chat prefills, "
+                  f"{w['decode_steps']} decode steps, {w['image_rows']} images sampled")
+        ratio = leave["requests_per_s"] / max(stay["requests_per_s"], 1e-9)
+        print(f"  requests/s of the clients who stayed, a third leave / nobody leaves: {ratio:.2f}x")
+        abandon["staying_ratio"] = ratio
+        results["abandon"] = abandon
     if "sequential" in results and "batched" in results:
         ratio = results["batched"]["requests_per_s"] / max(results["sequential"]["requests_per_s"], 1e-9)
         print(f"\nbatched / sequential requests/s: {ratio:.2f}x")
         results["batched_over_sequential"] = ratio
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2))
-    errors = sum(r["errors"] + r["burst"]["errors"] for r in results.values() if isinstance(r, dict))
+    errors = sum(r["errors"] + r["burst"]["errors"] for r in results.values() if isinstance(r, dict) and "burst" in r)
+    if abandon is not None:
+        errors += abandon["nobody_leaves"]["errors"] + abandon["third_leaves"]["errors"]
     return 1 if errors else 0
 
 

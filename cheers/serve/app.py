@@ -41,7 +41,7 @@ from cheers.pipeline import Pipeline
 from cheers.serve.config import ServeConfig
 from cheers.serve.errors import HTTP_TYPES, APIError, bad_request, error_body
 from cheers.serve.metrics import ServeMetrics
-from cheers.serve.scheduler import ChatJob, ImageJob, Job, QueueFull, Scheduler
+from cheers.serve.scheduler import ImageJob, Job, QueueFull, Scheduler
 from cheers.serve.validation import (
     ImageRequest,
     form_fields,

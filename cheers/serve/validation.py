@@ -20,9 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from cheers.errors import InputError
 from cheers.images import square_tensor
+from cheers.sequence import UND_PLACEHOLDER
 from cheers.serve.config import ServeConfig
 from cheers.serve.errors import APIError, bad_request
-from cheers.sequence import UND_PLACEHOLDER
 from cheers.text_tokenizer import DEFAULT_SYSTEM
 
 SEED_MIN, SEED_MAX = -(2**63), 2**62  # torch generators take any 64-bit seed; room for seed + i of n images
