@@ -47,9 +47,9 @@ def parse_args(argv):
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cheers.shapes.training import shapes_run_config
+    from shapes_ladder_rungs import rung_config
+
     from cheers.flow_head import transport
-    from cheers.shapes.ladder import rung_config
     from cheers.shapes.scenes import (
         BACKGROUND,
         COLOURS,
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         render,
         sample_scene,
     )
+    from cheers.shapes.training import shapes_run_config
     from cheers.text_tokenizer import TextTokenizer
     from cheers.train.checkpoint import full_state_from_checkpoint
 

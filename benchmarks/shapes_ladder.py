@@ -1,4 +1,4 @@
-"""Learning curves of the shapes ladder (``cheers.shapes.ladder``): one rung trained for a fixed
+"""Learning curves of the shapes ladder (``shapes_ladder_rungs.py``): one rung trained for a fixed
 number of optimiser steps through the project's trainer, scored at step points on held-out
 GenEval-style prompts.
 
@@ -37,9 +37,9 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
                   object_size: str = "standard") -> tuple[Path, Path, dict]:
     """Shards and tokenizer in ``work``, made once; for R4 / R5 the pretrained parts of
     ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
-    from cheers.shapes.training import shapes_run_config, train_text_tokenizer
     from cheers.shapes.dataset import write_shards
     from cheers.shapes.parts import PARTS_FILE, load_parts
+    from cheers.shapes.training import shapes_run_config, train_text_tokenizer
 
     data, tok_dir = work / "data", work / "tokenizer"
     if not (data / "manifest.json").is_file():
@@ -66,7 +66,7 @@ class RungTask:
         self.pixel_scale = pixel_scale
 
     def build_model(self, cfg):
-        from cheers.shapes.ladder import build_rung
+        from shapes_ladder_rungs import build_rung
 
         return build_rung(cfg, self.rung, self.parts, self.token_px, self.pixel_scale)
 
@@ -98,10 +98,10 @@ def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cf
              seed: int, batch: int = 32) -> tuple[dict, list]:
     """Scores of ``n_images`` samples per record, and (record, images) per record for a grid."""
     from PIL import Image
+    from shapes_ladder_rungs import sample
 
     from cheers.eval.geneval_rules import detection_colours, evaluate_image
     from cheers.eval.shapes_detector import detect
-    from cheers.shapes.ladder import sample
 
     model.eval()
     shape = model.latent_shape
@@ -162,7 +162,7 @@ def write_curve(points: list[dict], path: Path, title: str) -> None:
 
 
 def parse_args(argv):
-    from cheers.shapes.ladder import RUNGS
+    from shapes_ladder_rungs import RUNGS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rung", required=True, choices=list(RUNGS))
@@ -204,10 +204,11 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from shapes_ladder_rungs import RUNGS, rung_config
+
+    from cheers.shapes.dataset import write_geneval_metadata
     from cheers.shapes.report import write_grid
     from cheers.shapes.training import shapes_run_config
-    from cheers.shapes.dataset import write_geneval_metadata
-    from cheers.shapes.ladder import RUNGS, rung_config
     from cheers.text_tokenizer import TextTokenizer
     from cheers.train.checkpoint import full_state_from_checkpoint, list_checkpoints
     from cheers.train.trainer import train

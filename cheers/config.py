@@ -155,9 +155,7 @@ class FlowHeadConfig:
 class TransportConfig:
     """Flow-matching time sampling, target and sampler defaults (see flow_head/transport.py)."""
 
-    time_sampling: Literal["uniform", "logit_normal", "shifted"] = "uniform"
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
+    time_sampling: Literal["uniform", "shifted"] = "uniform"
     train_shift: float = 1.0  # for time_sampling="shifted"
     # what the head's output means; the loss is always on the velocity x1 - x0.
     prediction: Literal["velocity", "x1"] = "velocity"
@@ -169,7 +167,6 @@ class TransportConfig:
     # count as much as the clean ones); use "x1" with a small x1_loss_t_min, or the sampler's
     # velocity undershoots near t = 1
     loss_target: Literal["velocity", "x1"] = "velocity"
-    flow_loss_weight: float = 1.0
     cfg_drop_rate: float = 0.2
     sample_steps: int = 80
     sample_shift: float = 0.5
@@ -477,9 +474,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+# options that were removed, with the value that behaves as the code does now: config.json files
+# written before hold them, and load while they hold that value
+_REMOVED_TRANSPORT = {"flow_loss_weight": 1.0, "logit_normal_mean": 0.0, "logit_normal_std": 1.0}
+
+
+def _drop_removed(data: dict[str, Any]) -> dict[str, Any]:
+    transport = data.get("transport")
+    if not isinstance(transport, dict) or not set(transport) & set(_REMOVED_TRANSPORT):
+        return data
+    transport = dict(transport)
+    for key, same in _REMOVED_TRANSPORT.items():
+        if key in transport and transport.pop(key) != same:
+            raise ConfigError(f"model.transport.{key} was removed; only {same} (its old default) still loads")
+    return {**data, "transport": transport}
+
+
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a dict that may name a base ``flavour`` and override parts of it."""
-    data = dict(data)
+    data = _drop_removed(dict(data))
     name = data.get("flavour")
     if name is not None and name != "custom":  # "custom": every field given, no base
         if name not in FLAVOURS:

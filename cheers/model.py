@@ -97,7 +97,7 @@ class CheersModel(nn.Module):
     def forward(self, batch: Batch, generator: torch.Generator | None = None,
                 return_outputs: bool = False):
         """Losses of a packed batch: ``ce`` over text targets, ``flow`` (velocity MSE) over
-        generation images, ``loss = ce + flow_loss_weight * flow``."""
+        generation images, ``loss = ce + flow``."""
         if batch.input_ids.shape[1] > self.cfg.max_seq_len:
             raise InputError(
                 f"sequence length {batch.input_ids.shape[1]} is over max_seq_len={self.cfg.max_seq_len}"
@@ -139,7 +139,7 @@ class CheersModel(nn.Module):
             flow = ce.new_zeros(())
             if self.training:
                 idle = self._idle_head(device) + (0.0 if idle is None else idle)
-        loss = ce + self.cfg.transport.flow_loss_weight * flow
+        loss = ce + flow
         if idle is not None:
             loss = loss + idle
         out = {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}

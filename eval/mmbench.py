@@ -37,7 +37,7 @@ def _absent(v) -> bool:
 
 def build_prompt(row: dict, style: str = "llava") -> str:
     """The MMBench prompt text of a row (the image goes before it)."""
-    from cheers.shapes.texts import format_mmbench_prompt
+    from cheers.eval.mmbench_prompt import format_mmbench_prompt
 
     choices = build_choices({k: v for k, v in row.items() if not _absent(v)})
     letters = "".join(choices)

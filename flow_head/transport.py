@@ -74,9 +74,6 @@ def sample_time(n: int, cfg: TransportConfig, *, generator: torch.Generator | No
     """Training times ``t`` [n] in [0, 1] by ``cfg.time_sampling``."""
     if cfg.time_sampling == "uniform":
         return torch.rand(n, generator=generator, device=device)
-    if cfg.time_sampling == "logit_normal":
-        z = torch.randn(n, generator=generator, device=device)
-        return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
     if cfg.time_sampling == "shifted":
         return time_shift(torch.rand(n, generator=generator, device=device), cfg.train_shift)
     raise InputError(f"unknown time_sampling {cfg.time_sampling!r}")

@@ -111,3 +111,16 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
         load_run_config("debg")
     with pytest.raises(ConfigError, match=r"config file not found: elsewhere/debug.yaml"):
         recipe_path("elsewhere/debug.yaml")
+
+
+def test_removed_transport_options_load_only_at_their_old_defaults():
+    """config.json files written before flow_loss_weight and the logit-normal times were removed
+    still load when they hold the values that behave as now; other values are refused by name."""
+    old = to_dict(flavour("debug"))
+    old["transport"].update(flow_loss_weight=1.0, logit_normal_mean=0.0, logit_normal_std=1.0)
+    assert model_config_from_dict(old) == flavour("debug")
+    old["transport"]["flow_loss_weight"] = 0.5
+    with pytest.raises(ConfigError, match=r"model\.transport\.flow_loss_weight was removed; only 1\.0"):
+        model_config_from_dict(old)
+    with pytest.raises(ConfigError, match=r"time_sampling"):
+        model_config_from_dict({"flavour": "debug", "transport": {"time_sampling": "logit_normal"}})

@@ -1,4 +1,5 @@
-"""The shapes ladder: its rungs' geometry, the pixel latent, and the step-budgeted harness."""
+"""The shapes ladder (benchmarks/shapes_ladder_rungs.py): its rungs' geometry, the pixel latent,
+and the step-budgeted harness."""
 
 from __future__ import annotations
 
@@ -14,9 +15,17 @@ from cheers.config import flavour
 from cheers.errors import ConfigError
 from cheers.flow_head import transport
 from cheers.sequence import expand_placeholders, null_prompt, pack
-from cheers.shapes.ladder import RUNGS, PixelLatent, build_rung, rung_config, sample, with_token_px
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the ladder is research code, not installed
+from shapes_ladder_rungs import (  # noqa: E402
+    RUNGS,
+    PixelLatent,
+    build_rung,
+    rung_config,
+    sample,
+    with_token_px,
+)
 
 
 def test_pixel_latent_is_lossless_and_scaled():
@@ -129,7 +138,8 @@ def _sampling_batch_keeps_prompt_order(tok_dir: Path, record: dict):
     the second half as their null prompts: the batch must keep that order, whatever the lengths."""
     import importlib.util
 
-    from cheers.shapes.ladder import prompt_mask
+    from shapes_ladder_rungs import prompt_mask
+
     from cheers.text_tokenizer import TextTokenizer
 
     spec = importlib.util.spec_from_file_location("shapes_ladder", ROOT / "benchmarks" / "shapes_ladder.py")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from cheers.errors import InputError
+from cheers.eval.mmbench_prompt import OPTION_LETTERS, format_mmbench_prompt  # noqa: F401 (the shapes world asks in this prompt)
 from cheers.shapes.scenes import (
     COLOURS,
     INVERSE_RELATION,
@@ -41,9 +42,6 @@ MMBENCH_L2: dict[str, str] = {
     "position": "finegrained_perception (cross-instance)",
     "existence": "coarse_perception",
 }
-OPTION_LETTERS = "ABCD"
-# The prompt of DESIGN.md s.6 (LLaVA's MMBench prompt) and VLMEvalKit's default one.
-MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def article(word: str) -> str:
@@ -105,27 +103,6 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     if len(objs) > 1 and rng.random() < 0.1:
         body = f"{body} on a grey background"
     return prefix + body
-
-
-def format_mmbench_prompt(question: str, options: list[str], hint: str | None = None,
-                          style: str = "llava") -> str:
-    """The MMBench prompt text (no image tag).
-
-    ``style="llava"``: ``{hint}\\n{question}\\nA. ..\\nAnswer with the option's letter from
-    the given choices directly.`` (DESIGN.md s.6); ``style="vlmevalkit"``: VLMEvalKit's
-    ``ImageMCQDataset.build_prompt`` layout (``Hint:``/``Question:``/``Options:``).
-    """
-    letters = OPTION_LETTERS[: len(options)]
-    if style == "llava":
-        lines = ([hint] if hint else []) + [question]
-        lines += [f"{k}. {v}" for k, v in zip(letters, options)]
-        return "\n".join(lines + [MMBENCH_SUFFIX])
-    if style == "vlmevalkit":
-        text = f"Hint: {hint}\n" if hint else ""
-        text += f"Question: {question}\nOptions:\n"
-        text += "".join(f"{k}. {v}\n" for k, v in zip(letters, options))
-        return text + "Please select the correct answer from the options above. \n"
-    raise InputError(f"unknown MMBench prompt style {style!r}; expected 'llava' or 'vlmevalkit'")
 
 
 def _options(rng: np.random.Generator, answer: str, pool: list[str], n_options: int) -> tuple[list[str], str]:

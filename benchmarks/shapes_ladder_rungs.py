@@ -269,7 +269,7 @@ class LadderNet(nn.Module):
         x1_pred, ce = self.predict(batch, xt, t)
         v_pred = transport.velocity_from_x1(x1_pred, xt, t, t_min=tc.x1_loss_t_min)
         flow = transport.flow_loss(v_pred, x1, x0, target=tc.loss_target, t=t, t_min=tc.x1_loss_t_min)
-        loss = ce + tc.flow_loss_weight * flow
+        loss = ce + flow
         return {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
