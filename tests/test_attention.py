@@ -140,8 +140,27 @@ def test_backend_errors_are_clear():
         build_dense_mask(DOC, q_len=20)
 
 
-def test_gradients_flow_through_masked_attention():
+def test_gradients_match_the_reference_and_respect_the_mask():
+    """Backward through the masked attention gives the plain softmax attention's gradients, and
+    nothing flows across documents or into padding from other positions."""
+    mask = build_dense_mask(DOC, image_block_ids(IS_IMG))
+    target = torch.randn(2, 4, 14, 8, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (attend, _reference):
+        q, k, v = (t.double().requires_grad_() for t in _qkv())
+        F.mse_loss(fn(q, k, v, mask), target.double()).backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8)
+    # a loss on document 0's queries of row 0 reaches no key or value of document 1 or padding
     q, k, v = (t.requires_grad_() for t in _qkv())
-    out = attend(q, k, v, build_dense_mask(DOC, image_block_ids(IS_IMG)))
-    F.mse_loss(out, torch.zeros_like(out)).backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    out = attend(q, k, v, mask)
+    doc0 = (DOC[0] == 0).nonzero().squeeze(1)
+    out[0, :, doc0].square().sum().backward()
+    others = DOC[0] != 0
+    assert (k.grad[0, :, others] == 0).all() and (v.grad[0, :, others] == 0).all()
+    assert k.grad[0, :, ~others].abs().sum() > 0 and v.grad[0, :, ~others].abs().sum() > 0
+    # and a text query never sends gradient to a later key (causal), unless both are one image
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    attend(q, k, v, mask)[0, :, 1].square().sum().backward()  # position 1: text, before the image at 2..4
+    assert (k.grad[0, :, 2:] == 0).all() and k.grad[0, :, :2].abs().sum() > 0

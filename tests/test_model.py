@@ -42,6 +42,24 @@ def hidden_of(model, batch):
         return model(batch, return_outputs=True)["hidden"]
 
 
+@pytest.mark.parametrize("name", ["debug", "shapes"])
+def test_an_image_becomes_the_tokens_the_config_counts(name):
+    """``latent_grid`` and ``tokens_per_image``, which size every packed sequence, are what the
+    vision tokenizer makes of an image of the flavour's size."""
+    cfg = flavour(name)
+    model = CheersModel(cfg)
+    model.init_weights()
+    size = cfg.tokenizer.image_size
+    with torch.no_grad():
+        x1 = model.tokenizer.encode(torch.rand(2, 3, size, size))
+        tokens, patches = model.tokenizer(x1)
+    assert x1.shape[-2:] == (cfg.latent_grid, cfg.latent_grid)
+    assert tokens.shape == (2, cfg.tokens_per_image, cfg.llm.hidden_size)
+    assert patches.shape[:2] == (2, cfg.latent_grid ** 2)
+    with pytest.raises(InputError, match=f"images must be {size}x{size}"):
+        model.tokenizer.encode(torch.rand(1, 3, size // 2, size // 2))
+
+
 def test_forward_returns_losses(debug_model, debug_cfg):
     batch = pack(sample_sequences(debug_cfg), debug_cfg)
     out = debug_model(batch)

@@ -17,12 +17,6 @@ from cheers.shapes.dataset import write_shards
 from cheers.text_tokenizer import train_bpe
 
 
-def test_shapes_flavour_dimensions():
-    cfg = flavour("shapes")
-    assert cfg.tokenizer.image_size == 64 and cfg.latent_grid == 8 and cfg.tokens_per_image == 16
-    assert cfg.transport.prediction == "x1" and not cfg.dummy_image_prefix
-
-
 @pytest.mark.slow
 def test_vae_pretraining_lowers_reconstruction_loss():
     cfg = flavour("shapes").tokenizer.vae

@@ -401,8 +401,6 @@ def test_recipes_load_and_name_real_modules(stage):
     trainable = select_trainable(toy, cfg.train.trainable)
     assert not any(n.startswith("tokenizer.vae.") for n in trainable)
     if stage == "align":
-        assert cfg.train.lr == 1e-4 and cfg.train.schedule == "constant"
-        assert cfg.train.warmup_frac == 0.02 and cfg.train.global_batch == 512
         assert not any(n.startswith(("llm.layers", "tokenizer.siglip")) for n in trainable)
     else:
         assert cfg.data.ratios == {"i2t": 3, "t2i": 6, "text": 1}  # und : gen : text
