@@ -56,6 +56,10 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "python-multipart>=0.0.9",
+        # LoRA fine-tuning, int8 / fp8 weights, CPU offload (cheers.lora, cheers.low_memory)
+        "peft>=0.17",
+        "torchao>=0.13",
+        "accelerate>=1.0",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3", "openai>=1.30", "selenium>=4.11", "httpx>=0.27"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ DEFAULT_TARGETS = ("llm.layers.*.self_attn.*_proj", "llm.layers.*.mlp.*_proj")
 ADAPTER_PATTERNS = ("*.lora_A.*", "*.lora_B.*")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 TRAINED_FILE, BASE_FILE = "trained.safetensors", "lora_base.json"
+ARCHITECTURE = ("llm", "tokenizer", "head")  # model-config sections an adapter folder must match
 
 
 def target_regex(patterns: list[str] | tuple[str, ...]) -> str:
@@ -85,7 +87,9 @@ def add_adapters(model: nn.Module, cfg) -> list[str]:
     if adapted_layers(model):
         raise ConfigError("the model already has LoRA adapters")
     try:
-        inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
+        with warnings.catch_warnings():  # peft warns of the LC-QAT layers registered above
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+            inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
@@ -189,9 +193,11 @@ def load_adapter(model: nn.Module, folder: str | Path, *, model_config: dict[str
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a LoRA adapter folder: {name} is missing "
                                   "(write one with `cheers export RUN OUT` of a LoRA run)")
-    recorded = read_json(folder / BASE_FILE).get("model")
-    if model_config is not None and recorded is not None and recorded != model_config:
-        diff = sorted(_differences(recorded, model_config))
+    recorded = read_json(folder / BASE_FILE).get("model") or {}
+    # the parts that shape the weights must match; sampling and loss settings may differ
+    diff = sorted(d for part in ARCHITECTURE if model_config is not None and part in recorded
+                  for d in _differences(recorded[part], model_config.get(part), f"model.{part}"))
+    if diff:
         raise CheckpointError(f"{folder}: the adapters were trained on another base model "
                               f"({'; '.join(diff[:4])})")
     try:

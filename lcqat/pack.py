@@ -90,6 +90,12 @@ class PackedLCQLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, hadamard={self.hadamard}"
 
+    @property
+    def qweight(self) -> Tensor:
+        """The packed codes under the name peft reads to place LoRA adapters on a quantized
+        layer's device (the layer holds buffers only)."""
+        return self.codes
+
     @classmethod
     @torch.no_grad()
     def from_lcq(cls, q: LCQLinear) -> PackedLCQLinear:

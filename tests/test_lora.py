@@ -196,3 +196,30 @@ def test_two_process_fsdp2_lora(tmp_path, base, shards):
     assert res.returncode == 0, res.stderr[-3000:]
     _, saved = full_state_from_checkpoint(tmp_path / "run")
     assert saved and all(is_adapter_name(k) for k in saved)
+
+
+def test_adapters_over_packed_2bit_linears(debug_model):
+    """LC-QAT's packed 2-bit layers take peft adapters: the adapters get gradients, the codes
+    (buffers) stay, and the output moves once the adapters are non-zero."""
+    from cheers.lcqat.lcq_linear import LCQConfig, apply_lcqat, set_submodule
+    from cheers.lcqat.pack import PackedLCQLinear
+    from cheers.lora import add_adapters, peft_config
+
+    model = debug_model
+    for name in apply_lcqat(model.llm, LCQConfig()):  # data-free rounding, then packing
+        set_submodule(model.llm, name, PackedLCQLinear.from_lcq(model.llm.get_submodule(name)))
+    ids = torch.arange(1, 12)[None]
+    before = model.llm.hidden_states(ids).detach()
+    names = add_adapters(model, peft_config(rank=2, alpha=4, dropout=0.0, target=["llm.layers.*.mlp.*_proj"]))
+    layer = model.get_submodule(names[0])
+    assert isinstance(layer.base_layer, PackedLCQLinear)
+    codes = layer.base_layer.codes.clone()
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_adapter_name(n))
+    torch.testing.assert_close(model.llm.hidden_states(ids), before)  # lora_B starts at zero
+    model.llm.hidden_states(ids).pow(2).mean().backward()
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(0.1)
+    assert not torch.allclose(model.llm.hidden_states(ids), before)
+    assert torch.equal(layer.base_layer.codes, codes)
