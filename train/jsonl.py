@@ -17,9 +17,8 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cheers.data_format import LengthMeter, Sample, scan_jsonl
+from cheers.data_format import LengthMeter, Sample, Scan, scan_jsonl
 from cheers.errors import InputError
 
 log = logging.getLogger("cheers.train.data")
@@ -77,7 +76,7 @@ def jsonl_slices(paths: list[str], *, num_streams: int, min_side: int, meter: Le
     return slices
 
 
-def _log_scan(scan: Any) -> None:
+def _log_scan(scan: Scan) -> None:
     problems = scan.problems
     log.info("data.jsonl %s: %d lines, %d usable, %d skipped (%s)", scan.source, scan.records,
              len(scan.samples), len(problems), ", ".join(f"{t} {c}" for t, c in scan.counts().items()))
