@@ -3,7 +3,7 @@
 The fine-tuning data are text-to-image samples whose captions call ``colour`` by ``word`` (one
 or two objects, the first of that colour), mixed with ordinary samples of the world so that the
 rest is not forgotten. Held-out prompts ``a photo of a <word> <shape>`` measure whether the model
-draws the word's colour, before and after, with GenEval's colors rule.
+draws the word's colour (the largest object's, read by the shapes detector), before and after.
 """
 
 from __future__ import annotations
@@ -79,11 +79,12 @@ def new_word_metadata(n_prompts: int, word: str = NEW_WORD, colour: str = MEANS)
 
 def evaluate_new_word(pipe, out: Path, *, n_prompts: int, seed: int, word: str = NEW_WORD,
                       colour: str = MEANS) -> dict:
-    """Share of images drawn in ``colour`` for prompts naming ``word``, and for the same prompts
-    naming ``colour`` itself (what fine-tuning must not lose); 4 images a prompt. Returns
-    ``{"word": share, "colour": share, "samples": [(record, images), ...]}``."""
+    """Share of images whose largest object is in ``colour`` for prompts naming ``word``, and for
+    the same prompts naming ``colour`` itself (what fine-tuning must not lose); 4 images a prompt.
+    Returns ``{"word": share, "colour": share, "samples": [(record, images), ...]}``."""
     from PIL import Image
 
+    from cheers.eval.shapes_detector import detect
     from cheers.shapes.evaluate import generate_and_score
 
     tc = pipe.cfg.transport
@@ -91,8 +92,12 @@ def evaluate_new_word(pipe, out: Path, *, n_prompts: int, seed: int, word: str =
     for key, name in (("word", word), ("colour", colour)):
         meta = new_word_metadata(n_prompts, name, colour)
         folder = out / f"prompts-{key}"
-        scores, _records = generate_and_score(pipe, meta, folder, seed, tc.sample_steps, tc.cfg_scale)
-        result[key] = scores["overall"]
+        _scores, records = generate_and_score(pipe, meta, folder, seed, tc.sample_steps, tc.cfg_scale)
+        right = []
+        for rec in records:
+            found = detect(Image.open(rec["filename"]).convert("RGB"))
+            right.append(bool(found) and max(found, key=lambda d: d["area"])["colour"] == colour)
+        result[key] = float(np.mean(right))
         if key == "word":
             result["samples"] = [(m, [Image.open(folder / f"{i:05d}" / "samples" / f"{k:04d}.png").convert("RGB")
                                       for k in range(4)]) for i, m in enumerate(meta)]
