@@ -347,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"errors {b['errors']}")
     if abandon is not None:
         stay, leave = abandon["nobody_leaves"], abandon["third_leaves"]
-        print(f"\n[abandon] {abandon['clients']} clients; a third of the requests are left after {args.leave_after:g} s "
+        print(f"\n[abandon] {abandon['clients']} clients; a third of the requests are left after "
+              f"{args.leave_after:g} s "
               "(the client hangs up, the next takes its place), in rounds alternating with rounds where nobody "
               "leaves; figures of the requests whose clients stayed:")
         for name, r in (("nobody leaves", stay), ("a third leave", leave)):
-            print(f"  {name:14s} {r['requests']:4d} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.3f} requests/s, "
+            print(f"  {name:14s} {r['requests']:4d} requests in {r['wall_s']:.1f} s: "
+                  f"{r['requests_per_s']:.3f} requests/s, "
                   f"p50 {fmt(r['all']['p50_s'])}, p99 {fmt(r['all']['p99_s'])}, errors {r['errors']}; "
                   f"abandoned {r['abandoned']}")
             w = r["server"]

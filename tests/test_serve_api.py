@@ -75,7 +75,8 @@ def test_chat_prompt_lays_out_as_the_tokenizer(pipe):
 
 
 def test_empty_message_without_image_is_refused(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": ""}]})
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": ""}]},
+                   timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
@@ -110,7 +111,8 @@ def test_stream_usage_only_when_asked(server):
                                         ("tools", [{"type": "function"}]), ("best_of", 2), ("foo", 1),
                                         ("stream_options", {"include_usage": True})])
 def test_unsupported_parameters_are_refused_by_name(server, key, value):
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, key: value})
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, key: value},
+                   timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == key and key in r.json()["error"]["message"]
 
@@ -118,14 +120,15 @@ def test_unsupported_parameters_are_refused_by_name(server, key, value):
 @pytest.mark.parametrize("key, value", [("presence_penalty", 0), ("logit_bias", {}), ("logprobs", False),
                                         ("top_k", -1), ("user", "someone"), ("n", 1)])
 def test_parameters_at_their_off_value_are_accepted(server, key, value):
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, key: value})
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, key: value},
+                   timeout=30)
     assert r.status_code == 200, r.text
 
 
 def test_image_routes_refuse_unknown_parameters(server):
     for body, param in (({"prompt": "a", "style": "vivid"}, "style"), ({"prompt": "a", "strength": 0.5}, "strength"),
                         ({"prompt": "a", "quality": "hd"}, "quality")):
-        r = httpx.post(server.url + "/v1/images/generations", json=body)
+        r = httpx.post(server.url + "/v1/images/generations", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 

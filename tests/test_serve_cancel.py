@@ -73,11 +73,12 @@ def leave_after(url: str, body: dict, seconds: float) -> None:
 def assert_stopped(server, what: str, counter: str, before: dict, stats_before: dict, cancelled: int) -> None:
     scheduler = server.app.state.scheduler
     key = "decoding" if what == "chat" else "sampling"
-    # one step is >= 20 ms; the disconnect is seen within a few, never the seconds the work would take
+    # generous for a busy machine: what shows the work stopped early is the count of model steps below
     wait_until(lambda: scheduler.load()[key] == 0 and scheduler.stats["cancelled"] == stats_before["cancelled"]
-               + cancelled, 2.0, f"the abandoned {what} requests left the {key} batch")
+               + cancelled, 10.0, f"the abandoned {what} requests left the {key} batch")
+    time.sleep(0.5)  # the step running when the client left ends
     done = server.calls[counter]
-    time.sleep(0.3)
+    time.sleep(0.5)
     assert server.calls[counter] == done, f"the model kept working for the abandoned {what}"
     assert done - before[counter] < (TOKENS if what == "chat" else STEPS) // 3
     assert scheduler.stats["completed"] == stats_before["completed"]

@@ -55,7 +55,7 @@ def slow_decoding(monkeypatch):
 
 def scrape(url: str) -> dict:
     """/metrics parsed -> {(sample name, sorted labels): value}."""
-    r = httpx.get(url + "/metrics")
+    r = httpx.get(url + "/metrics", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(r.text) for s in family.samples}
@@ -68,8 +68,8 @@ def test_metrics_count_exactly_the_requests_made(server):
     r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a", "steps": 2, "n": 2}, headers=AUTH,
                    timeout=60)
     assert r.status_code == 200
-    assert httpx.post(server.url + "/v1/chat/completions", json={}, headers=AUTH).status_code == 400
-    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.post(server.url + "/v1/chat/completions", json={}, headers=AUTH, timeout=30).status_code == 400
+    assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
     after = scrape(server.url)
 
     def moved(name: str, **labels) -> float:
@@ -123,9 +123,9 @@ def test_every_response_has_a_request_id(server, caplog):
 
 
 def test_client_request_id_is_echoed_when_tame(server):
-    r = httpx.get(server.url + "/health", headers={"X-Request-Id": "trace-1.2_3"})
+    r = httpx.get(server.url + "/health", headers={"X-Request-Id": "trace-1.2_3"}, timeout=30)
     assert r.headers["x-request-id"] == "trace-1.2_3"
-    r = httpx.get(server.url + "/health", headers={"X-Request-Id": "bad id\twith spaces"})
+    r = httpx.get(server.url + "/health", headers={"X-Request-Id": "bad id\twith spaces"}, timeout=30)
     assert r.headers["x-request-id"].startswith("req-")
 
 
@@ -151,14 +151,14 @@ def test_dead_scheduler_fails_requests_at_once(pipe):
 
     scheduler._take_images = dying
     with LiveServer(app) as live:
-        assert httpx.get(live.url + "/health").status_code == 200
+        assert httpx.get(live.url + "/health", timeout=30).status_code == 200
         result = {}
         waiting = threading.Thread(target=lambda: result.setdefault(
             "r", httpx.post(live.url + "/v1/chat/completions", json=chat(2), timeout=10)))
         waiting.start()
         waiting.join()
         assert result["r"].status_code == 503 and result["r"].json()["error"]["code"] == "scheduler_dead"
-        health = httpx.get(live.url + "/health")
+        health = httpx.get(live.url + "/health", timeout=30)
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
         t0 = time.monotonic()
         r = httpx.post(live.url + "/v1/chat/completions", json=chat(2), timeout=10)

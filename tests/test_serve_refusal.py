@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import logging
+import statistics
 import threading
 import time
 
@@ -52,8 +53,8 @@ def health_latencies(url: str, stop: threading.Event) -> list[float]:
     return out
 
 
-def while_polling_health(url: str, send) -> tuple[httpx.Response, float]:
-    """``send()`` while another connection polls /health -> (its response, the slowest /health)."""
+def while_polling_health(url: str, send) -> tuple[httpx.Response, list[float]]:
+    """``send()`` while another connection polls /health -> (its response, each /health's seconds)."""
     stop, got = threading.Event(), {}
     poller = threading.Thread(target=lambda: got.setdefault("lat", health_latencies(url, stop)))
     poller.start()
@@ -64,7 +65,15 @@ def while_polling_health(url: str, send) -> tuple[httpx.Response, float]:
         time.sleep(0.05)
         stop.set()
         poller.join()
-    return response, max(got["lat"])
+    return response, got["lat"]
+
+
+def assert_loop_free(latencies: list[float]) -> None:
+    """/health stayed quick: typically under 50 ms, none over 0.5 s. A parse on the event loop
+    stalls one poll for the whole parse (0.85-1.5 s for 30 MB here); the machine's other load
+    can add tens of ms to any one poll, hence the two bounds."""
+    assert statistics.median(latencies) < 0.05, f"/health typically took {statistics.median(latencies) * 1000:.0f} ms"
+    assert max(latencies) < 0.5, f"/health took {max(latencies) * 1000:.0f} ms once"
 
 
 # --------------------------------------------------------------------------- JSON
@@ -73,20 +82,20 @@ def while_polling_health(url: str, send) -> tuple[httpx.Response, float]:
 @pytest.mark.parametrize("depth", [40, 50_000])
 def test_deeply_nested_json_is_a_400_that_leaks_nothing(server, depth):
     body = '{"messages": ' + "[" * depth + "]" * depth + "}"
-    r, slowest = while_polling_health(server.url, lambda: httpx.post(
+    r, latencies = while_polling_health(server.url, lambda: httpx.post(
         server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=30))
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "json_too_deep" and "Recursion" not in r.text and "Traceback" not in r.text
-    assert slowest < 0.05, f"/health took {slowest * 1000:.0f} ms while the body was refused"
+    assert_loop_free(latencies)
 
 
 def test_30_mb_body_is_refused_off_the_event_loop(server):
     body = b'{"messages": [' + b"1," * 15_000_000 + b"1]}"
-    r, slowest = while_polling_health(server.url, lambda: httpx.post(
+    r, latencies = while_polling_health(server.url, lambda: httpx.post(
         server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60))
     assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_complex"
-    assert slowest < 0.05, f"/health took {slowest * 1000:.0f} ms while a 30 MB body was parsed"
+    assert_loop_free(latencies)
 
 
 def test_huge_prompt_is_refused_before_tokenizing(server, pipe, monkeypatch):
@@ -193,7 +202,7 @@ def test_only_png_jpeg_webp_gif_reach_pillow(server, monkeypatch, mime, raw):
     assert r.json()["error"]["code"] in ("invalid_image", "invalid_image_format")
     assert ran == []
     # an edit's upload goes through the same check
-    r = httpx.post(server.url + "/v1/images/edits", files={"image": ("x", raw, mime)}, data={"prompt": "a"})
+    r = httpx.post(server.url + "/v1/images/edits", files={"image": ("x", raw, mime)}, data={"prompt": "a"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image" and ran == []
 
 
@@ -212,8 +221,8 @@ def test_gif_and_webp_are_read(server):
     for fmt in ("GIF", "WEBP"):
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (0, 200, 0)).save(buf, format=fmt)
-        r = httpx.post(server.url + "/v1/chat/completions", json=chat("hi", data_uri(buf.getvalue(), f"image/{fmt.lower()}")),
-                       timeout=60)
+        uri = data_uri(buf.getvalue(), f"image/{fmt.lower()}")
+        r = httpx.post(server.url + "/v1/chat/completions", json=chat("hi", uri), timeout=60)
         assert r.status_code == 200, r.text
 
 
@@ -235,7 +244,7 @@ def test_json_routes_require_application_json(server):
 def test_host_header_is_checked_against_dns_rebinding(server, pipe):
     for host, status in (("evil.example", 400), ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400),
                          ("api.example", 200), ("API.example:443", 200)):
-        r = httpx.get(server.url + "/v1/models", headers={"Host": host})
+        r = httpx.get(server.url + "/v1/models", headers={"Host": host}, timeout=30)
         assert r.status_code == status, host
         if status == 400:
             assert r.json()["error"]["code"] == "host_not_allowed"
@@ -244,17 +253,18 @@ def test_host_header_is_checked_against_dns_rebinding(server, pipe):
         port = live.url.rsplit(":", 1)[1]
         for host, status in ((f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200), (f"[::1]:{port}", 200),
                              (f"rebind.attacker.example:{port}", 400)):
-            assert httpx.get(live.url + "/health", headers={"Host": host}).status_code == status, host
+            assert httpx.get(live.url + "/health", headers={"Host": host}, timeout=30).status_code == status, host
 
 
 def test_cors_is_off_unless_an_origin_is_given(server, pipe):
     preflight = {"Origin": "https://page.example", "Access-Control-Request-Method": "POST"}
-    r = httpx.options(server.url + "/v1/chat/completions", headers=preflight)
+    r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=30)
     assert "access-control-allow-origin" not in r.headers
     with LiveServer(create_app(pipe, ServeConfig(model_name="c", cors_origins=("https://page.example",)))) as live:
-        r = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
+        r = httpx.options(live.url + "/v1/chat/completions", headers=preflight, timeout=30)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://page.example"
-        r = httpx.options(live.url + "/v1/chat/completions", headers={**preflight, "Origin": "https://other.example"})
+        other = {**preflight, "Origin": "https://other.example"}
+        r = httpx.options(live.url + "/v1/chat/completions", headers=other, timeout=30)
         assert r.headers.get("access-control-allow-origin") != "https://other.example"
 
 
