@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands with parsers of their own: `cheers NAME --help` shows their arguments
     for name, module, summary in (
-            ("demo", "cheers.demo:main", "train and score the shapes-world model on a CPU"),
+            ("demo", "cheers.shapes.demo:main", "score the shipped shapes model, fine-tune it, score again"),
             ("debug-checkpoint", "cheers.debug_checkpoint:main", "write a random debug-flavour checkpoint"),
             ("eval", "cheers.eval.cli:main", "run GenEval, DPG-Bench, MMBench or MME"),
             ("quantize", "cheers.quantize:main", "quantize a checkpoint's LLM to 2 bits"),

@@ -180,12 +180,15 @@ def test_a_prompt_over_the_models_length_is_refused_before_sampling(ckpt, source
     assert not no_sampling
 
 
-def test_demo_refuses_bad_values_before_any_work(tmp_path, capsys):
-    for argv, message in [(["--minutes", "-1"], "argument --minutes: -1: must be > 0"),
-                          (["--minutes", "nan"], "not a finite number"),
+def test_demo_refuses_bad_values_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CHEERS_HOME", str(tmp_path / "home"))  # the shipped model unpacks there
+    for argv, message in [(["--steps", "-1"], "argument --steps: -1 must be >= 1"),
                           (["--curriculum", "1"], "must lie in [0, 1)"),
                           (["--samples", "0"], "--samples: 0 must be >= 1"),
-                          (["model.flavour=shape"], "unknown flavour 'shape'")]:
+                          (["--finetune-samples", "0"], "--finetune-samples: 0 must be >= 1"),
+                          (["--object-size", "huge"], "invalid choice: 'huge'"),
+                          (["--from-scratch", "model.flavour=shape"], "unknown flavour 'shape'"),
+                          (["lora.rank=0"], "lora.rank must be >= 1")]:
         out = tmp_path / "demo"
         err = _refused(["demo", "--out", str(out), *argv], capsys)
         assert message in err, err

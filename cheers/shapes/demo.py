@@ -93,6 +93,19 @@ def parse_args(argv):
     return args
 
 
+def check_overrides(args) -> None:
+    """Build the training config the overrides go into, so that a bad one fails before any work."""
+    from cheers.shapes.release import unpack_model
+    from cheers.shapes.training import shapes_run_config
+    from cheers.train.config import lora_run_config
+
+    if args.from_scratch:
+        shapes_run_config(args.overrides)
+    else:
+        lora_run_config(unpack_model(args.model), shards=[], out_dir=args.out / "finetune", steps=1,
+                        overrides=[*FINETUNE_OVERRIDES, *args.overrides])
+
+
 def evaluate(pipe, out: Path, args, log, object_size: str, word: bool) -> dict:
     """Every held-out measure of ``pipe``, in ``out``: the GenEval / MMBench / open-question
     row, and with ``word`` the new word's prompts."""
@@ -114,15 +127,12 @@ def finetune(args, log) -> dict:
     from cheers.shapes.finetune import NEW_WORD, write_new_word_shards
     from cheers.shapes.release import read_model_log, unpack_model
     from cheers.train.checkpoint import export
-    from cheers.train.config import lora_run_config
     from cheers.train.trainer import finetune_lora
 
     steps = args.steps or FINETUNE_STEPS
     shipped = unpack_model(args.model)
     object_size = read_model_log(args.model)["recipe"]["object_size"]
     log(f"the shipped model {args.model} ({object_size} objects) unpacked to {shipped}")
-    lora_run_config(shipped, shards=[], out_dir=args.out / "finetune", steps=steps,  # refuses a bad override now
-                    overrides=[*FINETUNE_OVERRIDES, *args.overrides])
     t0 = time.monotonic()
     before = evaluate(Pipeline.from_pretrained(shipped, device=args.device), args.out / "before", args, log,
                       object_size, word=True)
@@ -185,11 +195,9 @@ def from_scratch(args, log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from cheers.pipeline import default_checkpoint
     from cheers.shapes.report import write_report
-    from cheers.shapes.training import shapes_run_config
 
     args = parse_args(argv)
-    if args.from_scratch:
-        shapes_run_config(args.overrides)  # a bad override is refused before any work
+    check_overrides(args)  # a bad override is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
