@@ -60,6 +60,7 @@ setup(
         "peft>=0.17",
         "torchao>=0.13",
         "accelerate>=1.0",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3", "openai>=1.30", "selenium>=4.11", "httpx>=0.27"],
