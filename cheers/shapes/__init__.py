@@ -1,4 +1,4 @@
-"""The shapes world: a procedural image-text world that needs no downloads (DESIGN.md s.7)."""
+"""The shapes world: a procedural image-text world that needs no downloads, so every command runs on a CPU."""
 
 from cheers.shapes.scenes import (
     BACKGROUND,

@@ -105,7 +105,7 @@ def _check_chat_options(i2t_turns: int, mcq_answer: str) -> None:
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
                 kinds: Sequence[str] | None = None, i2t_turns: int = 1,
                 mcq_answer: str = "letter", object_size: str = "standard") -> tuple[dict, np.ndarray | None]:
-    """One training sample: (the JSON record of DESIGN.md s.5, RGB image or None).
+    """One training sample: (the JSON record the trainer reads, see ``cheers.train.data``; RGB image or None).
 
     t2i: ``text`` is the caption. i2t: ``i2t_turns`` human/gpt exchanges about the image in
     ``conversations`` (each an MMBench-style multiple choice answered by its letter, or a short
@@ -171,7 +171,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
     ``object_size``: the scenes' size range (``cheers.shapes.scenes.OBJECT_SIZES``).
     ``progress(n)`` is called with the samples of each shard written.
 
-    Per sample ``{key}.json`` (the DESIGN.md s.5 record) and, except for text samples,
+    Per sample ``{key}.json`` (the record ``cheers.train.data`` reads) and, except for text samples,
     ``{key}.png``; keys are ``%08d`` of the sample number. Also writes ``manifest.json``
     (arguments, shard names, samples per task). Returns the shard paths.
     """
