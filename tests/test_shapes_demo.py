@@ -296,3 +296,23 @@ def test_demo_refuses_a_missing_model_before_any_work(tmp_path, capsys):
     assert e.value.code == 2
     assert "none.safetensors: file not found" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_shipped_model_loads_and_carries_its_log(tmp_path):
+    """The package's trained shapes model: at most 16 MB, fp16, its recipe, command and held-out
+    scores in its metadata, and it loads as a checkpoint folder that generates and answers."""
+    from cheers.pipeline import Pipeline
+    from cheers.shapes.release import MAX_BYTES, MODEL_FILE, read_model_log, unpack_model
+
+    assert MODEL_FILE.stat().st_size <= MAX_BYTES
+    log = read_model_log(MODEL_FILE)
+    assert log["command"].startswith("python -m cheers.shapes.release")
+    assert log["recipe"]["steps"] == int(log["command"].split("--steps ")[1])
+    for key in ("geneval_overall", "shape_right", "mmbench_overall", "open_shape"):
+        assert 0.0 <= log["scores"][key] <= 1.0
+    weights = load_file(str(MODEL_FILE))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    pipe = Pipeline.from_pretrained(unpack_model(MODEL_FILE, tmp_path / "model"))
+    assert pipe.cfg.flavour == "shapes"
+    (image,) = pipe.generate(["a photo of a red circle"], steps=2, seed=0)
+    assert image.size == (pipe.image_size, pipe.image_size)
