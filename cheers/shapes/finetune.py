@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,21 +85,22 @@ def evaluate_new_word(pipe, out: Path, *, n_prompts: int, seed: int, word: str =
     Returns ``{"word": share, "colour": share, "samples": [(record, images), ...]}``."""
     from PIL import Image
 
+    from cheers.eval import geneval
     from cheers.eval.shapes_detector import detect
-    from cheers.shapes.evaluate import generate_and_score
 
     tc = pipe.cfg.transport
     result: dict = {"samples": []}
     for key, name in (("word", word), ("colour", colour)):
         meta = new_word_metadata(n_prompts, name, colour)
         folder = out / f"prompts-{key}"
-        _scores, records = generate_and_score(pipe, meta, folder, seed, tc.sample_steps, tc.cfg_scale)
-        right = []
-        for rec in records:
-            found = detect(Image.open(rec["filename"]).convert("RGB"))
-            right.append(bool(found) and max(found, key=lambda d: d["area"])["colour"] == colour)
-        result[key] = float(np.mean(right))
+        shutil.rmtree(folder, ignore_errors=True)  # a rerun draws the new model, not old samples
+        geneval.generate(pipe, meta, folder, n=4, seed=seed * 100_000, batch_size=32, steps=tc.sample_steps,
+                         cfg_scale=tc.cfg_scale)
+        images = [[Image.open(folder / f"{i:05d}" / "samples" / f"{k:04d}.png").convert("RGB") for k in range(4)]
+                  for i in range(len(meta))]
+        found = [detect(img) for group in images for img in group]
+        result[key] = float(np.mean([bool(d) and max(d, key=lambda o: o["area"])["colour"] == colour
+                                     for d in found]))
         if key == "word":
-            result["samples"] = [(m, [Image.open(folder / f"{i:05d}" / "samples" / f"{k:04d}.png").convert("RGB")
-                                      for k in range(4)]) for i, m in enumerate(meta)]
+            result["samples"] = list(zip(meta, images))
     return result

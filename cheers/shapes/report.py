@@ -46,7 +46,7 @@ def _flat(result: dict | None) -> dict:
     """The figures of one evaluation, by name."""
     if result is None:
         return {}
-    row = {k: v for k, v in result["row"].items()}
+    row = dict(result["row"])
     if "new_word" in result:
         row["new word drawn in its colour"] = result["new_word"]["word"]
         row["the colour's own name drawn"] = result["new_word"]["colour"]

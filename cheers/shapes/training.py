@@ -43,13 +43,25 @@ def train_text_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: i
     return train_bpe(corpus, vocab_size=vocab_size)
 
 
+def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size: str) -> None:
+    """The world's tokenizer in ``tok_dir``, made once: BPE over the shards' texts and 200
+    MMBench prompts (their option layout appears in no training sample)."""
+    from cheers.shapes.dataset import mmbench_rows
+    from cheers.shapes.texts import format_mmbench_prompt
+
+    if (tok_dir / "tokenizer.json").is_file():
+        return
+    extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
+             for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
+    train_text_tokenizer(shard_dirs, extra).save(tok_dir)
+
+
 def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
             object_size: str = "standard") -> tuple[Path, Path]:
     """Shards of the whole world and of one- and two-object scenes (the curriculum's start),
     ``i2t_turns`` questions per understanding sample, multiple choices answered with the
     option's text, and a tokenizer over them; returns (shard dir, tokenizer dir)."""
-    from cheers.shapes.dataset import mmbench_rows, write_shards
-    from cheers.shapes.texts import format_mmbench_prompt
+    from cheers.shapes.dataset import write_shards
 
     data, easy = out / "data", out / "data-easy"
     wanted = {"i2t_turns": i2t_turns, "mcq_answer": "option", "object_size": object_size}
@@ -67,10 +79,7 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
         if differ:
             raise CheersError(f"{folder} holds shards written with {', '.join(differ)}: use another --out")
     text_tokenizer_dir = out / "tokenizer"
-    if not (text_tokenizer_dir / "tokenizer.json").is_file():
-        extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
-                 for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
-        train_text_tokenizer([data, easy], extra).save(text_tokenizer_dir)
+    make_tokenizer(text_tokenizer_dir, [data, easy], seed, object_size)
     log(f"data: {n_train} samples in {data}, {n_train // 3} simple ones in {easy}; tokenizer in {text_tokenizer_dir}")
     return data, text_tokenizer_dir
 
@@ -152,8 +161,7 @@ def prepare_world(work: Path, n_samples: int, seed: int, object_size: str, log=p
     """Training shards (the demo's task mix, three questions per understanding sample, multiple
     choices answered with the option's text) and a byte-level BPE tokenizer over them, made once
     in ``work``; a folder holding another world is refused."""
-    from cheers.shapes.dataset import mmbench_rows, write_shards
-    from cheers.shapes.texts import format_mmbench_prompt
+    from cheers.shapes.dataset import write_shards
 
     data, tok_dir = work / "data", work / "tokenizer"
     manifest = data / "manifest.json"
@@ -168,8 +176,5 @@ def prepare_world(work: Path, n_samples: int, seed: int, object_size: str, log=p
         write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64,
                      mix={"t2i": 0.75, "i2t": 0.2, "text": 0.05}, samples_per_shard=2000, i2t_turns=3,
                      mcq_answer="option", workers=os.cpu_count() or 1, object_size=object_size)
-    if not (tok_dir / "tokenizer.json").is_file():
-        extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
-                 for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
-        train_text_tokenizer([data], extra).save(tok_dir)
+    make_tokenizer(tok_dir, [data], seed, object_size)
     return data, tok_dir
