@@ -29,14 +29,16 @@ import numpy as np
 import torch
 
 from cheers.errors import CheersError
+from cheers.shapes.scenes import SCENE_KINDS
 
 TAGS = ("colors", "single_object", "two_object")
 
 
 def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: Path | None = None,
-                  object_size: str = "standard") -> tuple[Path, Path, dict]:
-    """Shards and tokenizer in ``work``, made once; for R4 / R5 the pretrained parts of
-    ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
+                  object_size: str = "standard", kinds: tuple[str, ...] = ("single", "two")
+                  ) -> tuple[Path, Path, dict]:
+    """Shards of ``kinds`` scenes and a tokenizer in ``work``, made once; for R4 / R5 the
+    pretrained parts of ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
     from cheers.shapes.dataset import write_shards
     from cheers.shapes.parts import PARTS_FILE, load_parts
     from cheers.shapes.training import shapes_run_config, train_text_tokenizer
@@ -45,11 +47,13 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
     if not (data / "manifest.json").is_file():
         print(f"writing {n_samples} text-to-image samples to {data}", flush=True)
         write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64, mix={"t2i": 1.0},
-                     kinds=("single", "two"), samples_per_shard=2000, workers=os.cpu_count() or 1,
+                     kinds=kinds, samples_per_shard=2000, workers=os.cpu_count() or 1,
                      object_size=object_size)
-    written = json.loads((data / "manifest.json").read_text()).get("object_size", "standard")
-    if written != object_size:
-        raise CheersError(f"{data} holds {written} objects, not {object_size}: use another --work")
+    manifest = json.loads((data / "manifest.json").read_text())
+    written = (manifest.get("object_size", "standard"), tuple(manifest.get("kinds") or ()))
+    if written != (object_size, tuple(kinds)):
+        raise CheersError(f"{data} holds {written[0]} objects of scene kinds {written[1]}, not {object_size} "
+                          f"objects of {tuple(kinds)}: use another --work")
     if not (tok_dir / "tokenizer.json").is_file():
         train_text_tokenizer([data], []).save(tok_dir)
     parts: dict = {}
@@ -186,6 +190,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--object-size", choices=["standard", "large"], default="standard",
                     help="the world's object sizes (cheers.shapes.scenes.OBJECT_SIZES)")
+    ap.add_argument("--scene-kinds", nargs="+", choices=list(SCENE_KINDS), default=["single", "two"],
+                    help="scene layouts of the training shards (default: single two)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of configs/shapes.yaml")
     args = ap.parse_args(argv)
@@ -215,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed, args.parts, args.object_size)
+    data, tok_dir, parts = prepare_world(args.work, args.samples, args.rung, args.seed, args.parts, args.object_size,
+                                         tuple(args.scene_kinds))
     run_dir = args.out / "run"
     trainable = "['*', '!tokenizer.siglip']" if args.rung == "R4" else (
         "['*']" if args.rung != "R5" else None)
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.sample_steps or tc.sample_steps
     cfg_scale = tc.cfg_scale if args.cfg_scale is None else args.cfg_scale
     record = {"rung": args.rung, "what": RUNGS[args.rung], "steps": args.steps, "token_px": args.token_px,
-              "object_size": args.object_size,
+              "object_size": args.object_size, "scene_kinds": args.scene_kinds,
               "pixel_scale": args.pixel_scale,
               "overrides": args.overrides, "sample_steps": steps, "cfg_scale": cfg_scale,
               "images_per_tag": 4 * args.prompts, "threads": torch.get_num_threads(), "points": []}
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if previous.is_file():  # a run left with --stop-at (or killed) goes on from its last point
         old = json.loads(previous.read_text())
         same = all(old.get(k) == record[k] for k in ("rung", "steps", "token_px", "pixel_scale", "overrides", "cfg_scale")) \
-            and old.get("object_size", "standard") == args.object_size
+            and old.get("object_size", "standard") == args.object_size \
+            and old.get("scene_kinds", ["single", "two"]) == args.scene_kinds
         if not same:
             raise CheersError(f"{previous} holds another run ({old.get('rung')}, {old.get('overrides')}): "
                               "use another --out")
