@@ -10,8 +10,10 @@ the pretrained semantic encoder and VAE the package ships (``cheers.shapes.parts
 250, 500, 1000, 2000) it samples 4 images for each of ``--prompts`` held-out prompts per tag
 (colors, single_object, two_object: 128 images per tag by default) from the EMA weights and
 reports the GenEval tags, the share of images whose largest object has the prompt's colour
-(prompts that name one) and its shape (prompts with one object), the share of empty images,
-and seconds per step. Writes DIR/ladder.json, DIR/curve.png and a sample grid per point.
+(colors prompts), on single_object prompts (which name the shape only) the share whose largest
+object has the prompt's shape and the share with exactly one object (coherent), the share of
+empty images, and seconds per step. Writes DIR/ladder.json, DIR/curve.png and a sample grid per
+point; ``--rescore`` scores the kept checkpoints again with these measures.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def evaluate(model, cfg, tok, meta: list[dict], *, n_images: int, steps: int, cf
             first = m["include"][0]
             if "color" in first:
                 colour_right.append(largest is not None and largest["colour"] == first["color"])
-            if len(m["include"]) == 1 and first["count"] == 1:
+            if m["tag"] == "single_object":  # the prompt names the shape only, as in GenEval's tag
                 shape_right.append(largest is not None and largest["class"] == first["class"])
                 coherent.append(len(dets) == 1)
     model.train()
@@ -181,6 +183,8 @@ def parse_args(argv):
     ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default: the flavour's)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the flavour's)")
     ap.add_argument("--token-px", type=int, default=None, help="R0-R2: pixels per image token a side")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the kept checkpoints of the points in DIR/ladder.json again, without training")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="leave after the point at this step; run again with the same arguments to go on")
     ap.add_argument("--pixel-scale", type=float, default=1.0,
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from cheers.shapes.report import write_grid
     from cheers.shapes.training import shapes_run_config
     from cheers.text_tokenizer import TextTokenizer
-    from cheers.train.checkpoint import full_state_from_checkpoint, list_checkpoints
+    from cheers.train.checkpoint import list_checkpoints
     from cheers.train.trainer import train
 
     if args.threads:
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                               "use another --out")
         record["points"] = old["points"]
         done = record["points"][-1]["step"] if record["points"] else 0
+    if args.rescore:
+        return rescore(args, record, run_dir, task, cfg, tok, meta, steps, cfg_scale)
     for point in args.points:
         if point <= done:
             continue
@@ -265,13 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=point)), task)
         wall = time.perf_counter() - t0
         ckpt = result.checkpoint or list_checkpoints(run_dir)[-1]  # None: the point was trained, not scored
-        _, weights = full_state_from_checkpoint(ckpt, ema=result.ema)
-        model = task.build_model(cfg.model)
-        model.init_weights()
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-            raise CheersError(f"checkpoint {ckpt} does not fit {args.rung}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        model = load_rung(task, cfg, ckpt, result.ema, args.rung)
         t1 = time.perf_counter()
         scores, samples = evaluate(model, cfg.model, tok, meta, n_images=4, steps=steps, cfg_scale=cfg_scale,
                                    seed=args.seed + 1)
@@ -286,6 +286,38 @@ def main(argv: list[str] | None = None) -> int:
         write_curve(record["points"], args.out / "curve.png", f"{args.rung}: {RUNGS[args.rung]}")
         print(json.dumps({"rung": args.rung, **{k: (round(v, 3) if isinstance(v, float) else v)
                                                  for k, v in row.items()}}), flush=True)
+    return 0
+
+
+def load_rung(task, cfg, ckpt: Path, ema: bool, rung: str):
+    """The rung's model with a checkpoint's (EMA) weights."""
+    from cheers.train.checkpoint import full_state_from_checkpoint
+
+    _, weights = full_state_from_checkpoint(ckpt, ema=ema)
+    model = task.build_model(cfg.model)
+    model.init_weights()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise CheersError(f"checkpoint {ckpt} does not fit {rung}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def rescore(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict], steps: int, cfg_scale: float) -> int:
+    """Score each point of ``record`` whose checkpoint the run kept again with today's measures
+    (the points' other figures stay); a point without its checkpoint is named and kept as it was."""
+    for row in record["points"]:
+        ckpt = run_dir / f"step_{row['step']:07d}"
+        if not ckpt.is_dir():
+            print(f"no checkpoint {ckpt}: step {row['step']} keeps its scores", flush=True)
+            continue
+        model = load_rung(task, cfg, ckpt, cfg.train.ema_decay > 0, args.rung)
+        scores, _ = evaluate(model, cfg.model, tok, meta, n_images=4, steps=steps, cfg_scale=cfg_scale,
+                             seed=args.seed + 1)
+        row.update(scores)
+        (args.out / "ladder.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps({"rung": args.rung, "rescored": True, **{k: (round(v, 3) if isinstance(v, float) else v)
+                                                                   for k, v in row.items()}}), flush=True)
+    write_curve(record["points"], args.out / "curve.png", f"{args.rung}: {record['what']}")
     return 0
 
 
