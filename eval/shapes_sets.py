@@ -259,7 +259,11 @@ def shapes_summary(geneval_scores: dict, dpg_summary: dict, mmbench_acc: dict, m
     return {
         "geneval": {"overall": geneval_scores["overall"], "scale": "fraction of images judged correct, 0-1"},
         "dpg": {"overall": dpg_summary["overall"],
-                "scale": "percent of questions answered yes after the dependency rule, 0-100"},
+                "scale": "percent of questions answered yes after the dependency rule, 0-100",
+                # the official rule: categories read each grid's last tile alone, before the dependency
+                # rule, so they see a quarter of the images and can sit at 0 beside a non-zero overall
+                "categories": {k: v for k, v in dpg_summary.items() if k != "overall"},
+                "categories_scale": "percent yes on each grid's last tile, before the dependency rule, 0-100"},
         "mmbench": {"overall": mmbench_acc["Overall"], "scale": "CircularEval accuracy, 0-1"},
         "mme": {"perception": sum(subtasks.values()), "subtasks": subtasks,
                 "scale": f"MME points: acc + acc+ in percent per subtask, summed over the {len(subtasks)} "

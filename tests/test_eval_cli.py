@@ -53,6 +53,7 @@ def test_shapes_suite_and_the_file_commands(ckpt, tmp_path):
     assert summary["geneval"]["overall"] == read("geneval/summary.json")["overall"]
     assert "0-1" in summary["geneval"]["scale"]
     assert summary["dpg"]["overall"] == read("dpg/summary.json")["overall"] and "0-100" in summary["dpg"]["scale"]
+    assert summary["dpg"]["categories"] == {k: v for k, v in read("dpg/summary.json").items() if k != "overall"}
     assert summary["mmbench"]["overall"] == read("mmbench/acc.json")["Overall"]
     assert "0-1" in summary["mmbench"]["scale"]
     mme = summary["mme"]
