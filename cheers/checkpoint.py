@@ -113,15 +113,14 @@ def save_pretrained(model, path: str | Path, *, official: bool = False) -> None:
     from cheers.lcqat.pack import lcq_layers, packed_state_dict, quantization_section
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
     quantized = bool(lcq_layers(model))
-    if quantized:
-        if official:
-            raise CheckpointError("the official layout has no packed 2-bit format; save in ours")
-        state = packed_state_dict(model)
+    if quantized and official:
+        raise CheckpointError("the official layout has no packed 2-bit format; save in ours")
+    official_config = config_to_official(model.cfg) if official else None  # refused before writing
+    state = packed_state_dict(model) if quantized else {k: v.detach() for k, v in model.state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
     if official:
-        write_json(config_to_official(model.cfg), path / "config.json")
+        write_json(official_config, path / "config.json")
         write_state_dict(ours_to_official(state, model.cfg), path)
     else:
         if model.cfg.llm.tie_word_embeddings:
@@ -134,8 +133,19 @@ def save_pretrained(model, path: str | Path, *, official: bool = False) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
-    """``cheers convert``: rewrite a checkpoint folder in the other layout."""
+    """``cheers convert``: rewrite a checkpoint folder in the other layout, its tokenizer files
+    beside it. A model the target layout cannot hold is refused before anything is written."""
+    from cheers.text_tokenizer import TextTokenizer, copy_tokenizer_files
+
     if to not in ("official", "cheers"):
         raise ConfigError(f"--to must be 'official' or 'cheers', got {to!r}")
-    model = load_pretrained(src)
+    src = Path(src)
+    # the special-token ids of an official folder come from its tokenizer, as inference reads them
+    tokens = TextTokenizer.from_dir(src).special if (src / "tokenizer.json").is_file() else None
+    if to == "official":
+        if (quantization_of(src) or {}).get("quant_method") == "lcqat":
+            raise CheckpointError(f"{src} holds packed 2-bit weights; the official layout has no packed format")
+        config_to_official(load_config(src, tokens=tokens)[0])
+    model = load_pretrained(src, tokens=tokens)
     save_pretrained(model, dst, official=(to == "official"))
+    copy_tokenizer_files(src, dst)

@@ -49,6 +49,10 @@ class Collator:
 
     def __init__(self, cfg: ModelConfig, text_tokenizer: TextTokenizer, *, label_policy: str = "assistant",
                  cfg_drop_rate: float | None = None):
+        if text_tokenizer.vocab_size > cfg.llm.vocab_size:  # ids past the embedding table
+            raise InputError(f"{text_tokenizer.source} has {text_tokenizer.vocab_size} tokens, more than the "
+                             f"model's llm.vocab_size={cfg.llm.vocab_size}: use the model's tokenizer or set "
+                             f"model.llm.vocab_size >= {text_tokenizer.vocab_size}")
         if text_tokenizer.special != cfg.tokens:
             raise InputError(f"text tokenizer special ids {text_tokenizer.special} differ from model.tokens {cfg.tokens}")
         self.cfg, self.tok = cfg, text_tokenizer
@@ -91,4 +95,7 @@ class Collator:
 
 def make_collate(cfg: ModelConfig, text_tokenizer_dir: str | Path) -> Callable[[list], Batch]:
     """The trainer's collate function for a model config and a ``tokenizer.json`` folder."""
+    if not str(text_tokenizer_dir).strip():
+        raise InputError("data.text_tokenizer_dir is empty: set it to the folder of the model's tokenizer.json "
+                         "(for the shapes world: python -m cheers.shapes.dataset --out DIR writes DIR/tokenizer)")
     return Collator(cfg, TextTokenizer.from_dir(text_tokenizer_dir))

@@ -26,6 +26,22 @@ SPECIAL_STRINGS = {
     "no_mean": "<no_mean>",
 }
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# the files of a Hugging Face tokenizer folder; a model folder carries them so it loads alone
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` that ``src`` has into ``dst``; returns their names."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if copied:
+        dst.mkdir(parents=True, exist_ok=True)
+    for name in copied:
+        if (src / name).resolve() != (dst / name).resolve():
+            shutil.copy(src / name, dst / name)
+    return copied
 
 
 class TextTokenizer:

@@ -227,24 +227,31 @@ def mme_score(args) -> None:
 
 def shapes(args) -> None:
     """All four benchmarks on the shapes world through the same code paths."""
+    import time
+
     from cheers.eval import dpg, geneval, mmbench, mme
-    from cheers.eval.shapes_sets import ShapesVQA, write_dpg_set, write_mme_tsv
+    from cheers.eval.shapes_sets import ShapesVQA, shapes_summary, write_dpg_set, write_mme_tsv
     from cheers.shapes.dataset import write_geneval_metadata, write_mmbench_tsv
 
     out: Path = args.out
     pipe = _pipe(args)
     sampling = _sampling(args)
-    summary: dict = {}
     meta = write_geneval_metadata(
         str(out / "geneval_metadata.jsonl"), args.prompts_per_tag, seed=args.data_seed
     )
-    geneval.generate(
+    n_geneval, n_dpg = 4 * len(meta), 4 * args.dpg_prompts
+    print(f"[1/4] GenEval: {n_geneval} images (the longest part, with DPG-Bench's {n_dpg})", flush=True)
+    t0 = time.perf_counter()
+    written = geneval.generate(
         pipe, meta, out / "geneval", n=4, seed=args.seed, batch_size=args.batch_size, **sampling
-    )
+    )["written"]
+    per_image = (time.perf_counter() - t0) / max(4 * written, 1)
     detector, colours = geneval.shapes_scorer()
     records = geneval.score(out / "geneval", out / "geneval" / "results.jsonl", detector, colours)
-    summary["geneval"] = geneval.write_summary(records, out / "geneval")["overall"]
+    geneval_scores = geneval.write_summary(records, out / "geneval")
 
+    estimate = f", about {n_dpg * per_image / 60:.1f} min at GenEval's rate" if written else ""
+    print(f"[2/4] DPG-Bench: {n_dpg} images{estimate}", flush=True)
     csv_path = write_dpg_set(out / "dpg", args.dpg_prompts, seed=args.data_seed)
     dpg.generate(
         pipe,
@@ -256,8 +263,8 @@ def shapes(args) -> None:
     )
     result = dpg.score_folder(out / "dpg" / "images", dpg.read_questions(csv_path), ShapesVQA())
     dpg.write_report(result, out / "dpg")
-    summary["dpg"] = result["summary"]["overall"]
 
+    print(f"[3/4] MMBench: {args.questions} questions", flush=True)
     write_mmbench_tsv(str(out / "mmbench.tsv"), args.questions, seed=args.data_seed)
     acc = mmbench.run(
         pipe,
@@ -266,8 +273,8 @@ def shapes(args) -> None:
         batch_size=args.answer_batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    summary["mmbench"] = acc["Overall"]
 
+    print(f"[4/4] MME: {args.questions} images, two questions each", flush=True)
     write_mme_tsv(out / "mme.tsv", args.questions, seed=args.data_seed)
     res = mme.run(
         pipe,
@@ -276,10 +283,7 @@ def shapes(args) -> None:
         batch_size=args.answer_batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    summary["mme"] = {
-        "Perception": res["scores"]["Perception"],
-        "Cognition": res["scores"]["Cognition"],
-    }
+    summary = shapes_summary(geneval_scores, result["summary"], acc, res)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

@@ -250,3 +250,23 @@ def write_mme_tsv(
 
 
 __all__ = ["ShapesVQA", "dpg_item", "mme_rows", "write_dpg_set", "write_mme_tsv"]
+
+
+def shapes_summary(geneval_scores: dict, dpg_summary: dict, mmbench_acc: dict, mme_result: dict) -> dict:
+    """``cheers eval shapes``'s ``summary.json``: each benchmark in its own official scale, named
+    beside it (GenEval and MMBench fractions, DPG-Bench percent, MME points)."""
+    subtasks = {c: mme_result["scores"][c] for c in sorted(mme_result["details"])}
+    return {
+        "geneval": {"overall": geneval_scores["overall"], "scale": "fraction of images judged correct, 0-1"},
+        "dpg": {"overall": dpg_summary["overall"],
+                "scale": "percent of questions answered yes after the dependency rule, 0-100",
+                # the official rule: categories read each grid's last tile alone, before the dependency
+                # rule, so they see a quarter of the images and can sit at 0 beside a non-zero overall
+                "categories": {k: v for k, v in dpg_summary.items() if k != "overall"},
+                "categories_scale": "percent yes on each grid's last tile, before the dependency rule, 0-100"},
+        "mmbench": {"overall": mmbench_acc["Overall"], "scale": "CircularEval accuracy, 0-1"},
+        "mme": {"perception": sum(subtasks.values()), "subtasks": subtasks,
+                "scale": f"MME points: acc + acc+ in percent per subtask, summed over the {len(subtasks)} "
+                         f"perception subtasks asked here, 0-{200 * len(subtasks)}"},
+    }
+

@@ -99,6 +99,8 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
     t = 1 is still applied, as one extra step of size ``1 / steps`` (what the released code does);
     without it the last evaluation is skipped, and the sampler is plain Euler over the grid.
     ``heun``: second order (two evaluations per interval), ends exactly at t = 1.
+    ``callback(n)`` is called ``steps`` times, n = 0 .. steps - 1, the last once x has reached
+    t = 1, whatever the sampler, so a progress bar of ``steps`` ends at its total.
     """
     if sampler not in ("euler", "heun"):
         raise InputError(f"unknown sampler {sampler!r}; use 'euler' or 'heun'")
@@ -107,6 +109,8 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
         for n, t in enumerate(grid):
             last = n == len(grid) - 1
             if last and not official_last_step and len(grid) > 1:
+                if callback:  # x is at t = 1 already
+                    callback(n)
                 break
             v = velocity(x, t)
             dt = (1.0 / steps) if (last or t == 1.0) else grid[n + 1] - t
@@ -122,6 +126,8 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
         x = x + 0.5 * (v + v_next) * (t_next - t)
         if callback:
             callback(n)
+    if callback:  # steps - 1 intervals: the last call marks t = 1 reached
+        callback(len(grid) - 1)
     return x
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from cheers.checkpoint import convert, load_pretrained, save_pretrained
 from cheers.cli import main as cli_main
 from cheers.compose import compose
-from cheers.config import flavour
+from cheers.config import FLAVOURS, flavour
 from cheers.errors import CheckpointError
 from cheers.safetensors_io import read_state_dict
 
@@ -39,6 +39,55 @@ def test_convert_official_to_ours_and_back_is_exact(tmp_path):
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings"):
         assert again[key] == text[key], key
+
+
+@pytest.mark.parametrize("name", sorted(FLAVOURS))
+def test_convert_round_trips_each_flavour_it_accepts_and_refuses_the_others_before_writing(name, tmp_path):
+    """A flavour the official config can name comes back from it with the same architecture;
+    one it cannot (the debug flavour's block counts, the shapes world's options) is refused
+    naming the setting, and no output folder is left behind."""
+    from cheers.adapters.official import config_from_official, config_to_official
+    from cheers.model import CheersModel
+
+    cfg = flavour(name)
+    try:
+        official = config_to_official(cfg)
+    except CheckpointError as e:
+        assert "official" in str(e)
+        torch.manual_seed(0)
+        model = CheersModel(cfg)
+        model.init_weights()
+        save_pretrained(model, tmp_path / "ours")
+        with pytest.raises(CheckpointError, match="official"):
+            convert(tmp_path / "ours", tmp_path / "out", to="official")
+        assert not (tmp_path / "out").exists()
+        return
+    back = config_from_official(json.loads(json.dumps(official)), tokens=cfg.tokens)
+    same = dataclasses.replace(back, flavour=cfg.flavour, max_seq_len=cfg.max_seq_len)
+    assert same == cfg
+
+
+def test_convert_keeps_the_tokenizer_and_inference_loads_the_result(tmp_path):
+    from cheers.debug_checkpoint import make_debug_checkpoint
+    from cheers.pipeline import Pipeline
+
+    model, tok = make_debug_checkpoint(tmp_path / "debug")
+    cli_main(["convert", str(tmp_path / "debug"), str(tmp_path / "ours"), "--to", "cheers"])
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (tmp_path / "debug" / "tokenizer.json").read_bytes()
+    pipe = Pipeline.from_pretrained(tmp_path / "ours")
+    assert pipe.model.cfg == model.cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(pipe.model.state_dict()[k], v), k
+    image = pipe.generate(["a red circle"], steps=1, seed=0)[0]
+    assert image.size == (model.cfg.tokenizer.image_size,) * 2
+    # the official fixture (no tokenizer of its own) round-trips with one put beside it
+    tok.save(tmp_path / "fixture")
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / "fixture" / f).write_bytes((OFFICIAL / f).read_bytes())
+    convert(tmp_path / "fixture", tmp_path / "fixture-ours", to="cheers")
+    convert(tmp_path / "fixture-ours", tmp_path / "fixture-official", to="official")
+    assert (tmp_path / "fixture-official" / "tokenizer.json").is_file()
+    assert load_pretrained(tmp_path / "fixture-ours", tokens=tok.special).cfg.tokens == tok.special
 
 
 def test_missing_and_misshaped_tensors_are_named(debug_model, tmp_path):

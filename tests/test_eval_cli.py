@@ -48,7 +48,18 @@ def test_shapes_suite_and_the_file_commands(ckpt, tmp_path):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"geneval", "dpg", "mmbench", "mme"}
-    assert 0.0 <= summary["geneval"] <= 1.0 and 0.0 <= summary["mmbench"] <= 1.0
+    # each benchmark keeps its own scale, named beside it, and agrees with its own report
+    read = lambda f: json.loads((out / f).read_text())  # noqa: E731
+    assert summary["geneval"]["overall"] == read("geneval/summary.json")["overall"]
+    assert "0-1" in summary["geneval"]["scale"]
+    assert summary["dpg"]["overall"] == read("dpg/summary.json")["overall"] and "0-100" in summary["dpg"]["scale"]
+    assert summary["dpg"]["categories"] == {k: v for k, v in read("dpg/summary.json").items() if k != "overall"}
+    assert summary["mmbench"]["overall"] == read("mmbench/acc.json")["Overall"]
+    assert "0-1" in summary["mmbench"]["scale"]
+    mme = summary["mme"]
+    assert set(mme["subtasks"]) == {"existence", "count", "color", "position"} & set(read("mme/score.json"))
+    assert mme["perception"] == pytest.approx(sum(mme["subtasks"].values()))
+    assert f"0-{200 * len(mme['subtasks'])}" in mme["scale"]
     assert (out / "geneval" / "00005" / "samples" / "0003.png").is_file()
     assert len(list((out / "dpg" / "images").glob("*.png"))) == 2
     assert Image.open(next((out / "dpg" / "images").glob("*.png"))).size == (

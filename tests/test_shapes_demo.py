@@ -284,6 +284,10 @@ def test_demo_refuses_shards_written_with_other_options(tmp_path):
     from cheers.shapes.training import prepare
 
     write_shards(str(tmp_path / "data"), n_samples=4, seed=0, image_size=64, i2t_turns=1)
+    with pytest.raises(CheersError, match="i2t_turns 1 \\(not 3\\): use"):
+        prepare(tmp_path, 4, 0, print, i2t_turns=3)
+    manifest = tmp_path / "data" / "manifest.json"  # shards of older code, answered with the letter
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "mcq_answer"}))
     with pytest.raises(CheersError, match="i2t_turns 1 \\(not 3\\), mcq_answer letter \\(not option\\)"):
         prepare(tmp_path, 4, 0, print, i2t_turns=3)
     with pytest.raises(CheersError, match="object_size standard \\(not large\\)"):

@@ -3,6 +3,8 @@ training figures, checked against the config when loaded, and shipped in the pac
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,9 +23,16 @@ from cheers.shapes.parts import (
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parts") / "parts.safetensors"
-    assert main(["--out", str(path), "--vae-steps", "2", "--semantic-steps", "2", "--threads", "1"]) == 0
-    return path
+    """Made without --out: the file lands in outputs/ of the working folder, not over the shipped one."""
+    folder, shipped = tmp_path_factory.mktemp("parts"), PARTS_FILE.read_bytes()
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["--vae-steps", "2", "--semantic-steps", "2", "--threads", "1"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert PARTS_FILE.read_bytes() == shipped
+    return folder / "outputs" / "shapes_parts.safetensors"
 
 
 @pytest.mark.slow

@@ -340,7 +340,7 @@ def test_shards_schema_and_determinism(tmp_path):
 
 @pytest.mark.slow
 def test_shards_written_by_workers_are_the_same_bytes(tmp_path):
-    kw = dict(seed=3, image_size=64, samples_per_shard=7, i2t_turns=2, mcq_answer="option")
+    kw = dict(seed=3, image_size=64, samples_per_shard=7, i2t_turns=2)
     serial = dataset.write_shards(str(tmp_path / "a"), 30, **kw)
     written = []
     parallel = dataset.write_shards(str(tmp_path / "b"), 30, workers=2, progress=written.append, **kw)
@@ -357,8 +357,8 @@ def test_shards_written_by_workers_are_the_same_bytes(tmp_path):
                       f"write_shards({str(tmp_path / 'e')!r}, 30, workers=2, **{kw!r})\n")
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True)
     assert open(tmp_path / "e" / "shapes-000004.tar", "rb").read() == open(serial[-1], "rb").read()
-    with pytest.raises(InputError, match="mcq_answer"):  # refused before any worker starts
-        dataset.write_shards(str(tmp_path / "d"), 30, workers=2, mcq_answer="both")
+    with pytest.raises(InputError, match="i2t_turns"):  # refused before any worker starts
+        dataset.write_shards(str(tmp_path / "d"), 30, workers=2, i2t_turns=0)
 
 
 def test_chat_samples_ask_distinct_questions():
@@ -380,21 +380,15 @@ def test_multiple_choice_answered_by_the_option_text_maps_back_to_its_letter():
 
     seen = 0
     for i in range(60):
-        by_letter, _ = dataset.make_sample("i2t", np.random.default_rng([6, i]), i2t_turns=3)
-        by_text, _ = dataset.make_sample("i2t", np.random.default_rng([6, i]), i2t_turns=3,
-                                         mcq_answer="option")
-        for (q, a), (q2, a2) in zip(_pairs(by_letter), _pairs(by_text)):
-            assert q == q2  # the same questions, only multiple-choice answers differ
+        record, _ = dataset.make_sample("i2t", np.random.default_rng([6, i]), i2t_turns=3)
+        for q, a in _pairs(record):
             choices = dict(line.split(". ", 1) for line in q.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
             if not choices:  # an open question
-                assert a2 == a
                 continue
-            assert a in choices and a2 == choices[a]
-            assert can_infer(a2, choices) == a  # VLMEvalKit's rules read the letter back
+            assert a in choices.values() and a not in choices  # the option's text, never its letter
+            assert choices[can_infer(a, choices)] == a  # VLMEvalKit's rules read the letter back
             seen += 1
     assert seen > 30
-    with pytest.raises(InputError, match="mcq_answer"):
-        dataset.make_sample("i2t", np.random.default_rng(0), mcq_answer="number")
 
 
 def _pairs(record: dict) -> list[tuple[str, str]]:

@@ -77,6 +77,23 @@ def test_official_grid_and_last_step():
     assert x.item() == pytest.approx(1.0 + 1 / 3)
 
 
+@pytest.mark.parametrize("sampler,official_last_step", [("euler", True), ("euler", False), ("heun", False)])
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_progress_callback_counts_every_step_once(sampler, official_last_step, steps):
+    """A progress bar of ``steps`` ends at its total with every sampler (it stopped at 19 of 20)."""
+    calls, evaluations = [], []
+
+    def velocity(x, t):
+        evaluations.append(t)
+        return torch.ones_like(x)
+
+    transport.sample_ode(velocity, torch.zeros(1), steps=steps, shift=1.0, sampler=sampler,
+                         official_last_step=official_last_step, callback=calls.append)
+    assert calls == list(range(steps))
+    assert len(evaluations) == {"euler": steps if official_last_step or steps == 1 else steps - 1,
+                                "heun": 2 * (steps - 1)}[sampler]
+
+
 def test_time_shift_and_sampling():
     assert transport.time_shift(0.5, 1.0) == 0.5
     assert transport.time_shift(0.5, 0.5) == pytest.approx(1 / 3)

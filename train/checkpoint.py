@@ -292,11 +292,20 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, me
     out.mkdir(parents=True, exist_ok=True)
     write_state_dict(weights, out, max_shard_bytes=5 * 2**30)
     write_json(config, out / "config.json")
+    _copy_run_tokenizer(run, out, source=str(checkpoint))
     log.info("exported %s (%d tensors%s) to %s", checkpoint, len(weights), ", EMA" if ema else "", out)
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+def _copy_run_tokenizer(run: dict[str, Any], out: Path, *, source: str) -> None:
+    """Put the run's tokenizer (``data.text_tokenizer_dir``) beside an exported model, so the
+    folder loads alone for inference; a tokenizer that has since gone is named in a warning."""
+    from cheers.text_tokenizer import copy_tokenizer_files
+
+    folder = run.get("data", {}).get("text_tokenizer_dir") or ""
+    if not (folder and copy_tokenizer_files(folder, out)):
+        log.warning("%s: the run's tokenizer (data.text_tokenizer_dir=%r) has no tokenizer.json; copy one "
+                    "into %s before using it for inference", source, folder, out)
 
 
 def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Path, *, merge: bool,
@@ -305,6 +314,7 @@ def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Pat
     checkpoint's adapters and fully-trained tensors, written as an adapter folder or merged."""
     from cheers import lora
     from cheers.checkpoint import load_pretrained, save_pretrained
+    from cheers.text_tokenizer import copy_tokenizer_files
 
     base = run["train"].get("init_from") or run.get("lcqat", {}).get("init")
     if base is None or not Path(base).is_dir():
@@ -324,9 +334,8 @@ def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     if merge:
         save_pretrained(lora.merge_adapters(model), out)
-        for name in TOKENIZER_FILES:  # a folder inference loads alone
-            if (Path(base) / name).is_file():
-                shutil.copy(Path(base) / name, out / name)
+        if not copy_tokenizer_files(base, out):  # the base's tokenizer, or the run's
+            _copy_run_tokenizer(run, out, source=source)
     else:
         trained = {k: v for k, v in weights.items() if not lora.is_adapter_name(k)}
         lora.save_adapter(model, out, cfg=cfg, trained=trained, base_config=to_dict(model.cfg), base=str(base))

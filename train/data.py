@@ -91,6 +91,10 @@ class RawSample:
 # --------------------------------------------------------------------------- shard lists
 
 
+MAKE_SHARDS = ("`cheers data pack --jsonl FILE --out DIR` makes shards of your data, "
+               "`python -m cheers.shapes.dataset --out DIR` those of the shapes world")
+
+
 def expand_shards(patterns: list[str], what: str = "data.shards") -> list[str]:
     """Brace-expand and glob ``patterns`` into existing shard paths, in order.
 
@@ -105,10 +109,10 @@ def expand_shards(patterns: list[str], what: str = "data.shards") -> list[str]:
             if glob.has_magic(path):
                 matches = sorted(glob.glob(path))
                 if not matches:
-                    raise DataError(f"no shard matches {path!r} (from {what} entry {pattern!r})")
+                    raise DataError(f"no shard matches {path!r} (from {what} entry {pattern!r}); {MAKE_SHARDS}")
                 paths.extend(matches)
             elif not os.path.isfile(path):
-                raise DataError(f"shard not found: {path} (from {what} entry {pattern!r})")
+                raise DataError(f"shard not found: {path} (from {what} entry {pattern!r}); {MAKE_SHARDS}")
             else:
                 paths.append(path)
     return paths

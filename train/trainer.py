@@ -169,12 +169,12 @@ class Trainer:
     def _setup(self, task: Task | None) -> None:
         cfg, env, tc = self.cfg, self.env, self.cfg.train
         task = task if task is not None else load_task(tc.task)
+        self.collate = task.build_collate(cfg)  # a tokenizer that does not fit fails before the model is built
         self.model, self.trainable = self._build_model(task)
         self.frozen = frozen_modules(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc)
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
-        self.collate = task.build_collate(cfg)
         self.distiller = build_distiller(cfg, env)
         self.step, self.tokens_seen = 0, 0
         # per-rank stream of randomness (noise, t, CFG drop), distinct across ranks
@@ -304,7 +304,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out_dir / "tb"))
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not (env.is_main and tc.progress),
+        bar = tqdm(total=last, initial=self.step, disable=not (env.is_main and tc.progress),
                    dynamic_ncols=True, desc="train")
         history: list[dict[str, float]] = []
         window = _Window()
@@ -326,7 +326,7 @@ class Trainer:
                         history.append(row)
                         self._write_row(row, writer, bar)
                 if self._frac >= 1.0:  # train.max_seconds spent
-                    last = self.step
+                    last = bar.total = self.step  # the bar ends at 100% where the run ends
                 if self.step % tc.ckpt_every == 0 or self.step == last:
                     saved = self._save()
         finally:

@@ -19,6 +19,7 @@ from cheers.config import (
     SiglipConfig,
     SpecialTokens,
     TokenizerConfig,
+    to_dict,
 )
 from cheers.errors import CheckpointError
 
@@ -109,7 +110,7 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
             raise CheckpointError(f"{name} (a shapes-world option) has no place in the official layout: {why}")
     llm, sig, vae = cfg.llm, cfg.tokenizer.siglip, cfg.tokenizer.vae
     res = cfg.tokenizer.image_size
-    return {
+    official = {
         "architectures": ["Cheers"],
         "model_type": "umm",
         "vae_encoder_config": {"resolution": res, "in_channels": vae.in_channels, "ch": vae.ch,
@@ -135,6 +136,29 @@ def config_to_official(cfg: ModelConfig) -> dict[str, Any]:
         },
         "torch_dtype": "float32",
     }
+    lost = _settings_lost(to_dict(cfg), to_dict(config_from_official(official, tokens=cfg.tokens)))
+    if lost:
+        raise CheckpointError(f"the official layout cannot hold this model: {'; '.join(lost[:6])} (the "
+                              "released code fixes what its config.json does not name); keep our layout")
+    return official
+
+
+# what a model folder may lose in the official layout: the flavour's name, and the sequence
+# limit, which the official config takes from the LLM's max_position_embeddings
+_NOT_ARCHITECTURE = ("flavour", "max_seq_len", "tokens")
+
+
+def _settings_lost(ours: dict[str, Any], back: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key=ours (official: theirs)`` for every setting a trip through the official config changes."""
+    lost = []
+    for key, value in ours.items():
+        if not prefix and key in _NOT_ARCHITECTURE:
+            continue
+        if isinstance(value, dict):
+            lost += _settings_lost(value, back[key], f"{prefix}{key}.")
+        elif back.get(key) != value:
+            lost.append(f"{prefix}{key}={value!r} (official: {back.get(key)!r})")
+    return lost
 
 
 # --------------------------------------------------------------------------- state dicts

@@ -46,10 +46,6 @@ MMBENCH_COLUMNS: tuple[str, ...] = (
     "source", "l2-category", "comment", "split",
 )
 _STREAM_SHARDS, _STREAM_GENEVAL, _STREAM_MMBENCH, _STREAM_REFERENCE, _STREAM_OPEN = 11, 12, 13, 14, 15
-# how a multiple-choice question is answered in training: by its option's letter ("letter"), or
-# by the option's own text ("option"; MMBench's rule-based extraction, ``can_infer_text``,
-# reads the letter back from it, when the text is the only option found in the answer)
-MCQ_ANSWERS: tuple[str, ...] = ("letter", "option")
 
 
 def _rng(seed: int, stream: int, i: int) -> np.random.Generator:
@@ -83,37 +79,35 @@ def _task_schedule(n: int, mix: Mapping[str, float]) -> list[str]:
     return out
 
 
-def _i2t_exchange(scene: Scene, rng: np.random.Generator, mcq_answer: str = "letter") -> tuple[str, str]:
+def _i2t_exchange(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """One question about ``scene`` and its answer: an MMBench-style multiple choice (60%),
-    answered by its letter or its option's text (``mcq_answer``), or a short open question."""
+    answered by its option's text, or a short open question. (MMBench's rule-based extraction,
+    ``can_infer_text``, reads the letter back from the text when it is the only option named.)"""
     if rng.random() < 0.6:
         qs = mmbench_questions(scene, rng)
         q = qs[int(rng.integers(len(qs)))]
         style = "llava" if rng.random() < 0.7 else "vlmevalkit"
-        answer = q["answer"] if mcq_answer == "letter" else q["options"][OPTION_LETTERS.index(q["answer"])]
+        answer = q["options"][OPTION_LETTERS.index(q["answer"])]
         return format_mmbench_prompt(q["question"], q["options"], q["hint"] or None, style), answer
     return open_question(scene, rng)
 
 
-def _check_chat_options(i2t_turns: int, mcq_answer: str) -> None:
+def _check_turns(i2t_turns: int) -> None:
     if i2t_turns < 1:
         raise InputError(f"i2t_turns={i2t_turns}; must be >= 1")
-    if mcq_answer not in MCQ_ANSWERS:
-        raise InputError(f"mcq_answer={mcq_answer!r}; expected one of {MCQ_ANSWERS}")
 
 
 def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
                 kinds: Sequence[str] | None = None, i2t_turns: int = 1,
-                mcq_answer: str = "letter", object_size: str = "standard") -> tuple[dict, np.ndarray | None]:
+                object_size: str = "standard") -> tuple[dict, np.ndarray | None]:
     """One training sample: (the JSON record the trainer reads, see ``cheers.train.data``; RGB image or None).
 
     t2i: ``text`` is the caption. i2t: ``i2t_turns`` human/gpt exchanges about the image in
-    ``conversations`` (each an MMBench-style multiple choice answered by its letter, or a short
-    open question; no question twice; a multiple choice answered as ``mcq_answer`` says,
-    one of ``MCQ_ANSWERS``), ``text`` the scene's caption. text: ``text`` only,
+    ``conversations`` (each an MMBench-style multiple choice answered by its option's text, or a
+    short open question; no question twice), ``text`` the scene's caption. text: ``text`` only,
     ``width = height = 0``. ``object_size``: the scenes' size range (``OBJECT_SIZES``).
     """
-    _check_chat_options(i2t_turns, mcq_answer)
+    _check_turns(i2t_turns)
     if task == "text":
         return {"task": "text", "text": text_sample(rng, image_size), "width": 0, "height": 0}, None
     kind = None if kinds is None else str(rng.choice(list(kinds)))
@@ -124,7 +118,7 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
     if task == "i2t":
         exchanges: list[tuple[str, str]] = []
         for _ in range(4 * i2t_turns):  # a scene with few distinct questions may give fewer turns
-            prompt, answer = _i2t_exchange(scene, rng, mcq_answer)
+            prompt, answer = _i2t_exchange(scene, rng)
             if all(prompt != p for p, _ in exchanges):
                 exchanges.append((prompt, answer))
             if len(exchanges) == i2t_turns:
@@ -141,7 +135,7 @@ def make_sample(task: str, rng: np.random.Generator, image_size: int = 64,
 
 
 def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_size: int,
-                 kinds: Sequence[str] | None, i2t_turns: int, mcq_answer: str, object_size: str) -> str:
+                 kinds: Sequence[str] | None, i2t_turns: int, object_size: str) -> str:
     """Samples ``first .. first + len(tasks) - 1`` into the tar ``path``: a unit of work that
     depends on nothing else, so shards can be written in any order, by any process."""
     import webdataset as wds
@@ -149,7 +143,7 @@ def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_s
     with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
         for i, task in enumerate(tasks, start=first):
             record, image = make_sample(task, _rng(seed, _STREAM_SHARDS, i), image_size, kinds,
-                                        i2t_turns, mcq_answer, object_size)
+                                        i2t_turns, object_size)
             sample = {"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8")}
             if image is not None:
                 sample["png"] = png_bytes(image)
@@ -160,13 +154,12 @@ def _write_shard(path: str, tasks: Sequence[str], first: int, seed: int, image_s
 def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_size: int = 64,
                  mix: Mapping[str, float] | None = None, samples_per_shard: int = 1000,
                  kinds: Sequence[str] | None = None, i2t_turns: int = 1,
-                 mcq_answer: str = "letter", workers: int = 1,
+                 workers: int = 1,
                  progress: Callable[[int], None] | None = None, object_size: str = "standard") -> list[str]:
     """Write ``n_samples`` samples as WebDataset tars ``shapes-%06d.tar`` in ``out_dir``.
 
     ``kinds`` restricts the scene layouts (``SCENE_KINDS``; default: all), e.g. single objects
-    for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample;
-    ``mcq_answer``: how multiple-choice questions are answered (``MCQ_ANSWERS``).
+    for the first phase of a curriculum. ``i2t_turns``: questions per understanding sample.
     ``workers`` > 1 writes shards in that many processes; the files are the same bytes.
     ``object_size``: the scenes' size range (``cheers.shapes.scenes.OBJECT_SIZES``).
     ``progress(n)`` is called with the samples of each shard written.
@@ -178,13 +171,12 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
     if n_samples < 1 or samples_per_shard < 1 or workers < 1:
         raise InputError(f"n_samples={n_samples}, samples_per_shard={samples_per_shard}, workers={workers}; "
                          f"each must be >= 1")
-    _check_chat_options(i2t_turns, mcq_answer)  # before any worker starts
+    _check_turns(i2t_turns)  # before any worker starts
     check_object_size(object_size)
     os.makedirs(out_dir, exist_ok=True)
     tasks = _task_schedule(n_samples, mix or DEFAULT_MIX)
     jobs = [(os.path.join(out_dir, f"shapes-{start // samples_per_shard:06d}.tar"),
-             tasks[start:start + samples_per_shard], start, seed, image_size, kinds, i2t_turns, mcq_answer,
-             object_size)
+             tasks[start:start + samples_per_shard], start, seed, image_size, kinds, i2t_turns, object_size)
             for start in range(0, n_samples, samples_per_shard)]
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
@@ -207,7 +199,7 @@ def write_shards(out_dir: str, n_samples: int, seed: int = TRAIN_SEED, image_siz
         "n_samples": n_samples, "seed": seed, "image_size": image_size,
         "mix": dict(mix or DEFAULT_MIX), "samples_per_shard": samples_per_shard,
         "kinds": list(kinds) if kinds is not None else None, "i2t_turns": i2t_turns,
-        "mcq_answer": mcq_answer, "object_size": object_size,
+        "mcq_answer": "option", "object_size": object_size,  # older shards answered with the letter
         "shards": [os.path.basename(p) for p in paths],
         "tasks": {t: tasks.count(t) for t in TASKS},
     }
@@ -329,6 +321,43 @@ def write_mmbench_tsv(path: str, n: int, seed: int = HELDOUT_SEED, image_size: i
         for r in rows:
             w.writerow(r)
     return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cheers.shapes.dataset --out DIR``: training shards of the shapes world in DIR
+    and, in DIR/tokenizer, a byte-level BPE over their texts sized for the flavour it trains."""
+    import argparse
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from cheers.config import flavour
+    from cheers.shapes.scenes import OBJECT_SIZES
+    from cheers.shapes.training import make_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m cheers.shapes.dataset", description=main.__doc__)
+    ap.add_argument("--out", type=Path, required=True, help="folder for shapes-000000.tar, ... and tokenizer/")
+    ap.add_argument("--samples", type=int, default=2000, help="samples in all (default: 2000)")
+    ap.add_argument("--samples-per-shard", type=int, default=500, help="default: 500")
+    ap.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"default: {TRAIN_SEED}")
+    ap.add_argument("--flavour", choices=("debug", "shapes"), default="shapes",
+                    help="the model flavour the tokenizer is for: its vocabulary fits llm.vocab_size (default: shapes)")
+    ap.add_argument("--object-size", choices=sorted(OBJECT_SIZES), default="standard", help="default: standard")
+    ap.add_argument("--workers", type=int, default=1, help="processes writing shards (default: 1)")
+    args = ap.parse_args(argv)
+    with tqdm(total=args.samples, desc="shards", unit="sample") as bar:
+        shards = write_shards(str(args.out), args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
+                              i2t_turns=3, workers=args.workers, progress=bar.update,
+                              object_size=args.object_size)
+    tok_dir = args.out / "tokenizer"
+    (tok_dir / "tokenizer.json").unlink(missing_ok=True)  # made for these shards and this flavour
+    make_tokenizer(tok_dir, [args.out], args.seed, args.object_size,
+                   vocab_size=flavour(args.flavour).llm.vocab_size)
+    print(f"wrote {len(shards)} shards ({args.samples} samples) to {args.out} and a tokenizer to {tok_dir}")
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = [

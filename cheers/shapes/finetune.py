@@ -64,7 +64,7 @@ def write_new_word_shards(out_dir: Path, n_samples: int, *, seed: int, object_si
                 record, image = new_word_sample(rng, word, colour, object_size)
             else:
                 task = str(rng.choice(["t2i", "i2t"], p=[0.8, 0.2]))
-                record, image = make_sample(task, rng, 64, ("single", "two"), 3, "option", object_size)
+                record, image = make_sample(task, rng, 64, ("single", "two"), 3, object_size)
             sink.write({"__key__": f"{i:08d}", "json": json.dumps(record).encode("utf-8"), "png": png_bytes(image)})
     (out_dir / "manifest.json").write_text(json.dumps({"n_samples": n_samples, "seed": seed, "word": word,
                                                        "colour": colour, "object_size": object_size}))

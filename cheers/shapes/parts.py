@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = OneLineParser(prog="python -m cheers.shapes.parts", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=PARTS_FILE, help="the .safetensors file to write")
+    ap.add_argument("--out", type=Path, default=Path("outputs/shapes_parts.safetensors"),
+                    help=f"the .safetensors file to write (default: outputs/shapes_parts.safetensors; the "
+                         f"packaged file, {PARTS_FILE}, only when named)")
     ap.add_argument("--vae-steps", type=positive_int, default=VAE_STEPS)
     ap.add_argument("--semantic-steps", type=positive_int, default=SEMANTIC_STEPS)
     ap.add_argument("--seed", type=non_negative_int, default=0)

@@ -43,7 +43,8 @@ def train_text_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: i
     return train_bpe(corpus, vocab_size=vocab_size)
 
 
-def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size: str) -> None:
+def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size: str,
+                   vocab_size: int = 512) -> None:
     """The world's tokenizer in ``tok_dir``, made once: BPE over the shards' texts and 200
     MMBench prompts (their option layout appears in no training sample)."""
     from cheers.shapes.dataset import mmbench_rows
@@ -53,7 +54,7 @@ def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size
         return
     extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
              for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
-    train_text_tokenizer(shard_dirs, extra).save(tok_dir)
+    train_text_tokenizer(shard_dirs, extra, vocab_size).save(tok_dir)
 
 
 def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
@@ -64,7 +65,7 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
     from cheers.shapes.dataset import write_shards
 
     data, easy = out / "data", out / "data-easy"
-    wanted = {"i2t_turns": i2t_turns, "mcq_answer": "option", "object_size": object_size}
+    wanted = {"i2t_turns": i2t_turns, "object_size": object_size}
     for folder, n, kinds, offset in ((data, n_train, None, 0), (easy, n_train // 3, ("single", "two"), 50)):
         manifest = folder / "manifest.json"
         if not manifest.is_file():
@@ -75,7 +76,7 @@ def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
         written = json.loads(manifest.read_text())
         # shards written before an option existed hold its default
         was = {"i2t_turns": 1, "mcq_answer": "letter", "object_size": "standard"} | written
-        differ = [f"{k} {was[k]} (not {v})" for k, v in wanted.items() if was[k] != v]
+        differ = [f"{k} {was[k]} (not {v})" for k, v in (wanted | {"mcq_answer": "option"}).items() if was[k] != v]
         if differ:
             raise CheersError(f"{folder} holds shards written with {', '.join(differ)}: use another --out")
     text_tokenizer_dir = out / "tokenizer"
@@ -175,6 +176,6 @@ def prepare_world(work: Path, n_samples: int, seed: int, object_size: str, log=p
         log(f"writing {n_samples} samples ({object_size} objects) to {data}")
         write_shards(str(data), n_samples=n_samples, seed=seed, image_size=64,
                      mix={"t2i": 0.75, "i2t": 0.2, "text": 0.05}, samples_per_shard=2000, i2t_turns=3,
-                     mcq_answer="option", workers=os.cpu_count() or 1, object_size=object_size)
+                     workers=os.cpu_count() or 1, object_size=object_size)
     make_tokenizer(tok_dir, [data], seed, object_size)
     return data, tok_dir
