@@ -136,6 +136,6 @@ def save_pretrained(model, path: str | Path, *, official: bool = False) -> None:
 def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
     """``cheers convert``: rewrite a checkpoint folder in the other layout."""
     if to not in ("official", "cheers"):
-        raise ConfigError(f"--to must be 'official' or 'cheers', got {to!r}")
+        raise ConfigError(f"to must be 'official' or 'cheers', got {to!r}")
     model = load_pretrained(src)
     save_pretrained(model, dst, official=(to == "official"))

@@ -15,7 +15,7 @@ from serve_helpers import LiveServer, talkative_checkpoint, wait_until
 
 from cheers.pipeline import Pipeline
 from cheers.serve import ServeConfig, create_app
-from cheers.serve.decode_batch import DecodeBatch
+from cheers.decode_batch import DecodeBatch
 
 
 @pytest.fixture(scope="module")
