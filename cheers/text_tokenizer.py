@@ -26,6 +26,18 @@ SPECIAL_STRINGS = {
     "no_mean": "<no_mean>",
 }
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# the files of a Hugging Face tokenizer folder: a checkpoint folder carries them beside its weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` that folder ``src`` holds into ``dst``; returns their names."""
+    import shutil
+
+    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for name in names:
+        shutil.copy(Path(src) / name, Path(dst) / name)
+    return names
 
 
 class TextTokenizer:

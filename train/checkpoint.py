@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cheers.config import to_dict
 from cheers.errors import CheckpointError
+from cheers.text_tokenizer import copy_tokenizer_files
 
 from .config import RunConfig
 from .ema import EMA
@@ -296,9 +297,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, me
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-
-
 def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Path, *, merge: bool,
                  source: str) -> Path:
     """A LoRA run's export: its base model (``train.init_from`` / ``lcqat.init``) with the
@@ -324,9 +322,7 @@ def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     if merge:
         save_pretrained(lora.merge_adapters(model), out)
-        for name in TOKENIZER_FILES:  # a folder inference loads alone
-            if (Path(base) / name).is_file():
-                shutil.copy(Path(base) / name, out / name)
+        copy_tokenizer_files(base, out)  # a folder inference loads alone
     else:
         trained = {k: v for k, v in weights.items() if not lora.is_adapter_name(k)}
         lora.save_adapter(model, out, cfg=cfg, trained=trained, base_config=to_dict(model.cfg), base=str(base))
