@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_speed import UND_PLACEHOLDER, build_config, build_model, parse_args, text_ids  # noqa: E402
 
 from cheers.cuda_graphs import StaticDecoder  # noqa: E402
-from cheers.engine import Engine, pick_token  # noqa: E402
+from cheers.decode_batch import pick_token  # noqa: E402
+from cheers.engine import Engine  # noqa: E402
 
 
 def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:

@@ -181,7 +181,7 @@ def parse_args(argv):
     ap.add_argument("--samples", type=int, default=16000, help="training samples to write (once)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts per tag (4 images each)")
     ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default: the flavour's)")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the flavour's)")
+    ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the flavour's)")
     ap.add_argument("--token-px", type=int, default=None, help="R0-R2: pixels per image token a side")
     ap.add_argument("--rescore", action="store_true",
                     help="score the kept checkpoints of the points in DIR/ladder.json again, without training")
@@ -204,7 +204,7 @@ def parse_args(argv):
     if args.prompts < 1 or args.samples < 1:
         ap.error("--prompts and --samples must be >= 1")
     if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        ap.error(f"--cfg-scale must be finite and >= 0, got {args.cfg_scale}")
+        ap.error(f"--cfg must be finite and >= 0, got {args.cfg_scale}")
     if args.sample_steps is not None and args.sample_steps < 1:
         ap.error(f"--sample-steps must be >= 1, got {args.sample_steps}")
     args.points = sorted({p for p in args.points if 0 < p < args.steps} | {args.steps})

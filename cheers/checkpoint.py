@@ -138,7 +138,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str) -> None:
     from cheers.text_tokenizer import TextTokenizer, copy_tokenizer_files
 
     if to not in ("official", "cheers"):
-        raise ConfigError(f"--to must be 'official' or 'cheers', got {to!r}")
+        raise ConfigError(f"to must be 'official' or 'cheers', got {to!r}")
     src = Path(src)
     # the special-token ids of an official folder come from its tokenizer, as inference reads them
     tokens = TextTokenizer.from_dir(src).special if (src / "tokenizer.json").is_file() else None

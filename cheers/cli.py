@@ -8,70 +8,31 @@ a folder (one <name>.png per image), or a path ending in .png for a single image
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
 from cheers.cli_args import (
+    OUT_HELP,
     OneLineParser,
     check_image,
+    checkpoint_args,
     fail,
     image_file,
+    image_meta,
     image_outputs,
-    model_load_args,
-    model_load_options,
     non_empty,
     non_negative_int,
     number,
+    open_pipeline,
     output_folder,
     positive_int,
+    sampling_args,
+    save_png,
+    strength_arg,
 )
-from cheers.config import FLAVOURS
+from cheers.config import ANSWER_TOKENS, FLAVOURS
 from cheers.errors import CheersError
-
-
-def _ckpt_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=Path, default=None,
-                   help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
-    p.add_argument("--device", default="cpu")
-    model_load_args(p)
-
-
-def open_pipeline(args):
-    """The Pipeline of ``args.ckpt`` (default: the shapes demo's) on ``args.device``; a missing
-    default folder is an error that says how to make it."""
-    from cheers.pipeline import Pipeline, default_checkpoint
-
-    ckpt = args.ckpt or default_checkpoint()
-    if not ckpt.is_dir():
-        hint = " Run `cheers demo` first to train the shapes-world model (CPU, ~15 min)." if args.ckpt is None else ""
-        raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
-    return Pipeline.from_pretrained(ckpt, device=args.device, **model_load_options(args))
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
-    p.add_argument("--cfg", type=number(0.0), default=None,
-                   help="classifier-free guidance scale, >= 0 (default: the checkpoint's)")
-    p.add_argument("--shift", type=number(0.0, low_open=True), default=None,
-                   help="time shift a > 0 of t -> a t / (1 + (a - 1) t) (default: the checkpoint's)")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-
-
-def _fill_sampling(args, pipe) -> None:
-    """Unset --steps / --cfg / --shift take the checkpoint's ``transport`` settings (the released
-    model's 80 / 9.5 / 0.5, the shapes model's own), so the saved settings are the ones used."""
-    args.steps, args.cfg, args.shift = pipe.sampling_settings(args.steps, args.cfg, args.shift)
-
-
-def _save_png(img, path: Path, meta: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("cheers", json.dumps(meta))
-    img.save(path, pnginfo=info)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def cmd_generate(args) -> None:
@@ -84,39 +45,33 @@ def cmd_generate(args) -> None:
         prompts += [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
     if not prompts:
         raise CheersError("give a non-empty --prompt or a --prompts file")
-    jobs = [(p, k) for p in prompts for k in range(args.n)]
+    jobs = [p for p in prompts for _ in range(args.n)]
     paths = image_outputs(args.out, [f"{i:05d}" for i in range(len(jobs))])
     pipe = open_pipeline(args)
-    _fill_sampling(args, pipe)
     if args.size is not None and args.size != pipe.image_size:
         raise CheersError(f"--size {args.size}: this checkpoint generates {pipe.image_size} px images "
                           f"(a multiple of its {pipe.cfg.tokenizer.siglip.patch_size * 2} px token grid)")
-    pipe.t2i_rows(prompts)  # a prompt too long for the model is refused before any sampling
-    bar = tqdm(total=len(jobs) * args.steps, desc="generate", unit="step")
-    for i in range(0, len(jobs), args.batch_size):
-        chunk = jobs[i:i + args.batch_size]
-        seed = args.seed + i
-        per_step = len(chunk)
-        images = pipe.generate([p for p, _ in chunk], seed=seed, batch_size=args.batch_size,
-                               steps=args.steps, cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler,
-                               callback=lambda _n, k=per_step: bar.update(k))
-        for j, ((prompt, _), img) in enumerate(zip(chunk, images)):
-            meta = {"prompt": prompt, "seed": seed + j, "steps": args.steps, "cfg": args.cfg,
-                    "shift": args.shift, "sampler": args.sampler, "ckpt": str(args.ckpt or "shapes-demo")}
-            _save_png(img, paths[i + j], meta)
+    steps, cfg_scale, shift = pipe.sampling_settings(args.steps, args.cfg_scale, args.shift)
+    batches = -(-len(jobs) // args.batch_size)
+    bar = tqdm(total=batches * steps, desc=f"generate ({batches} batch{'es' if batches > 1 else ''})", unit="step")
+    images = pipe.generate(jobs, seed=args.seed, batch_size=args.batch_size, steps=steps, cfg_scale=cfg_scale,
+                           shift=shift, sampler=args.sampler, callback=lambda _n: bar.update(1))
     bar.close()
+    for i, (prompt, img, path) in enumerate(zip(jobs, images, paths, strict=True)):
+        save_png(img, path, image_meta(prompt=prompt, seed=args.seed + i, steps=steps, cfg_scale=cfg_scale,
+                                       shift=shift, sampler=args.sampler, ckpt=str(args.ckpt or "shapes-demo")))
     print(f"wrote {len(jobs)} image{'s' if len(jobs) > 1 else ''} to {args.out}")
 
 
 def cmd_edit(args) -> None:
     (path,) = image_outputs(args.out, [args.image.stem], protect=(args.image,))
     pipe = open_pipeline(args)
-    _fill_sampling(args, pipe)
-    pipe.t2i_rows([args.prompt])
-    img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=args.steps,
-                    cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler)
-    _save_png(img, path, {"prompt": args.prompt, "source": str(args.image), "strength": args.strength,
-                          "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "shift": args.shift})
+    steps, cfg_scale, shift = pipe.sampling_settings(args.steps, args.cfg_scale, args.shift)
+    img = pipe.edit(args.image, args.prompt, strength=args.strength, seed=args.seed, steps=steps,
+                    cfg_scale=cfg_scale, shift=shift, sampler=args.sampler)
+    save_png(img, path, image_meta(prompt=args.prompt, seed=args.seed, steps=steps, cfg_scale=cfg_scale, shift=shift,
+                                   sampler=args.sampler, ckpt=str(args.ckpt or "shapes-demo"),
+                                   source=str(args.image), strength=args.strength))
     print(f"wrote {path}")
 
 
@@ -127,7 +82,6 @@ def _decode_kwargs(args) -> dict:
 
 def cmd_understand(args) -> None:
     pipe = open_pipeline(args)
-    pipe.i2t_row(args.question, len(args.image))
     for piece in pipe.stream(args.image, args.question, **_decode_kwargs(args)):
         print(piece, end="", flush=True)
     print()
@@ -179,15 +133,11 @@ def cmd_convert(args) -> None:
 def cmd_init(args) -> None:
     from cheers.checkpoint import save_pretrained
     from cheers.compose import compose
+    from cheers.text_tokenizer import copy_tokenizer_files
 
     model = compose(args.llm, args.siglip, args.vae, strict=not args.no_strict)
     save_pretrained(model, args.out)
-    if (args.llm / "tokenizer.json").is_file():
-        import shutil
-
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-            if (args.llm / name).is_file():
-                shutil.copy(args.llm / name, args.out / name)
+    copy_tokenizer_files(args.llm, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n / 1e6:.1f}M parameters")
 
@@ -224,64 +174,62 @@ def _forward(target: str, argv: list[str]) -> None:
         sys.exit(rc)
 
 
-OUT_HELP = "a folder (one <name>.png per image) or a path ending in .png for a single image"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="cheers", description=__doc__,
-                       formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=26))
+    ap = OneLineParser(prog="cheers", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate images from text prompts")
-    _ckpt_arg(p)
+    checkpoint_args(p)
     p.add_argument("--prompt", action="append", type=non_empty, help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a file with one prompt per line")
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
-    p.add_argument("--size", type=positive_int, default=None, help="image size (must match the checkpoint)")
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="image size in pixels, checked against the checkpoint's (default: the checkpoint's)")
     p.add_argument("--out", type=Path, default=Path("outputs/generate"), help=OUT_HELP + " (files 00000.png, ...)")
-    _sampling_args(p)
+    sampling_args(p, batch_size=4)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("edit", help="edit an image following a prompt")
-    _ckpt_arg(p)
-    p.add_argument("--image", type=image_file, required=True)
-    p.add_argument("--prompt", type=non_empty, required=True)
-    p.add_argument("--strength", type=number(0.0, 1.0, low_open=True), default=0.9,
-                   help="1 - start time, in (0, 1] (paper: start at t = 0.1)")
+    checkpoint_args(p)
+    p.add_argument("--image", type=image_file, required=True, help="the image to edit")
+    p.add_argument("--prompt", type=non_empty, required=True, help="what the edited image shows")
+    strength_arg(p)
     p.add_argument("--out", type=Path, default=Path("outputs/edit"), help=OUT_HELP + " (named after --image)")
-    _sampling_args(p)
+    sampling_args(p)
     p.set_defaults(fn=cmd_edit)
 
     for name, fn in (("understand", cmd_understand), ("chat", cmd_chat)):
         p = sub.add_parser(name, help="answer a question about images" if name == "understand"
                            else "chat about images, interactively")
-        _ckpt_arg(p)
-        p.add_argument("--image", type=image_file, action="append", required=name == "understand")
+        checkpoint_args(p)
+        p.add_argument("--image", type=image_file, action="append", required=name == "understand",
+                       help="an image the question is about (repeatable)")
         if name == "understand":
-            p.add_argument("--question", type=non_empty, required=True)
-        p.add_argument("--max-new-tokens", type=positive_int, default=128)
-        p.add_argument("--temperature", type=number(0.0), default=0.0, help=">= 0 (0: greedy)")
-        p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
-        p.add_argument("--seed", type=non_negative_int, default=0)
+            p.add_argument("--question", type=non_empty, required=True, help="the question")
+        p.add_argument("--max-new-tokens", type=positive_int, default=ANSWER_TOKENS, help="longest answer, in tokens")
+        p.add_argument("--temperature", type=number(0.0), default=0.0, help="sampling temperature, >= 0 (0: greedy)")
+        p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=1.0,
+                       help="nucleus sampling: the share of probability sampled from, in (0, 1]")
+        p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the token sampling")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in the official or our layout")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
-    p.add_argument("--to", choices=["official", "cheers"], required=True)
+    p.add_argument("src", type=Path, help="the checkpoint folder to read")
+    p.add_argument("dst", type=Path, help="the folder to write")
+    p.add_argument("--to", choices=["official", "cheers"], required=True,
+                   help="the layout to write: the released model's (official) or this package's (cheers)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("init", help="compose a starting point from pretrained parts")
-    p.add_argument("--llm", type=Path, required=True)
-    p.add_argument("--siglip", type=Path, required=True)
-    p.add_argument("--vae", type=Path, required=True)
-    p.add_argument("--out", type=output_folder, default=Path("outputs/cheers-init"))
+    p.add_argument("--llm", type=Path, required=True, help="a Hugging Face Qwen2 folder (weights and tokenizer)")
+    p.add_argument("--siglip", type=Path, required=True, help="a SigLIP2 vision folder")
+    p.add_argument("--vae", type=Path, required=True, help="a diffusers VAE folder (or a model folder with a vae/ subfolder)")
+    p.add_argument("--out", type=output_folder, default=Path("outputs/cheers-init"), help="the folder to write")
     p.add_argument("--no-strict", action="store_true", help="load what fits instead of failing")
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("info", help="parameter count of a flavour, part by part")
-    p.add_argument("--flavour", default="cheers-1.5b", choices=sorted(FLAVOURS))
+    p.add_argument("--flavour", default="cheers-1.5b", choices=sorted(FLAVOURS), help="the model flavour")
     p.set_defaults(fn=cmd_info)
 
     # commands with parsers of their own: `cheers NAME --help` shows their arguments
@@ -310,10 +258,15 @@ def main(argv: list[str] | None = None) -> None:
             if rest:
                 ap.error(f"unrecognised arguments: {' '.join(rest)}")
             args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
     except CheersError as e:
         fail(f"cheers {args.cmd}", str(e))
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (`cheers info | head -1`): what is left to print goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,56 @@
-"""Argument checks shared by the command lines: each bad value is refused before any model work,
-with one line on stderr and exit status 2.
+"""The argument layer every command line shares (``cheers``, ``cheers eval``, ``cheers serve``,
+``cheers quantize``, ...): each bad value is refused before any model work, with one line on
+stderr and exit status 2.
 
-``OneLineParser`` is an ``argparse.ArgumentParser`` whose errors are that one line; the
-``type=`` helpers below refuse counts that are not positive, numbers that are not finite or out
-of range, and files that are not readable images; ``image_outputs`` applies the rule every
-command that writes images follows for ``--out``.
+``OneLineParser`` is an ``argparse.ArgumentParser`` whose errors are that one line and whose
+help shows each option's default; the ``type=`` helpers refuse counts that are not positive,
+numbers that are not finite or out of range, and files that are not readable images. The
+checkpoint (``checkpoint_args`` / ``open_pipeline``), sampling (``sampling_args`` /
+``sampling_options``) and output (``image_outputs``, ``save_png``) arguments are written here
+once.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cheers.errors import InputError
+from cheers.config import EDIT_STRENGTH, SAMPLERS
+from cheers.errors import CheckpointError, InputError
+
+# what a command says when it defaults to the demo's checkpoint and finds none
+NO_CHECKPOINT_HINT = ("Run `cheers demo` (CPU, a few minutes) to fine-tune the shipped shapes model and cache it "
+                      "there, or make a random tiny one with `cheers debug-checkpoint` and pass it with --ckpt.")
 
 # suffixes that say "an image file" but not one we write: refused rather than taken as a folder
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and ends an option's help with ``(default: ...)``, unless
+    the help already speaks of its default or there is none to show (None, False, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or (isinstance(default, (list, tuple)) and not default)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (``prog: error: ...``), status 2."""
+    """An ``ArgumentParser`` whose errors are one line on stderr (``prog: error: ...``), status 2,
+    and whose help shows every option's default (``HelpFormatter``, also for its subparsers)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -146,6 +174,93 @@ def output_folder(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
     return path
+
+
+OUT_HELP = "a folder (one <name>.png per image) or a path ending in .png for a single image"
+
+
+def image_meta(*, prompt: str, seed: int, steps: int, cfg_scale: float, shift: float, sampler: str,
+               ckpt: str, **extra) -> dict:
+    """What a written image carries about how it was made (``save_png``, ``png_bytes_with_meta``)."""
+    return {"prompt": prompt, "seed": seed, "steps": steps, "cfg": cfg_scale, "shift": shift, "sampler": sampler,
+            "ckpt": ckpt, **extra}
+
+
+def _png_info(meta: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("cheers", json.dumps(meta))
+    return info
+
+
+def save_png(image, path: Path, meta: dict) -> None:
+    """``image`` as ``path`` (a PNG carrying ``meta`` as JSON in a ``cheers`` text chunk) and
+    ``meta`` beside it as ``<name>.json``."""
+    image.save(path, pnginfo=_png_info(meta))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def png_bytes_with_meta(image, meta: dict) -> bytes:
+    """The PNG ``save_png`` writes, as bytes (what the server sends)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(meta))
+    return buf.getvalue()
+
+
+def checkpoint_args(p: argparse.ArgumentParser, *, load: bool = True, lora: bool = True,
+                    what: str = "checkpoint folder") -> None:
+    """``--ckpt`` and ``--device``, and with ``load`` how the pipeline loads (``model_load_args``)."""
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help=f"{what} (default: the shapes model `cheers demo` caches in $CHEERS_HOME, ~/.cache/cheers)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    if load:
+        model_load_args(p, lora=lora)
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--ckpt``, or the demo's cached checkpoint; a missing folder is an error that, for the
+    default, says how to make one."""
+    from cheers.pipeline import default_checkpoint
+
+    ckpt = args.ckpt or default_checkpoint()
+    if not ckpt.is_dir():
+        hint = f" {NO_CHECKPOINT_HINT}" if args.ckpt is None else ""
+        raise CheckpointError(f"checkpoint folder not found: {ckpt}.{hint}")
+    return ckpt
+
+
+def open_pipeline(args: argparse.Namespace):
+    """The ``Pipeline`` of ``checkpoint_args``' flags, checked before anything loads."""
+    from cheers.pipeline import Pipeline
+
+    ckpt = checkpoint_path(args)
+    return Pipeline.from_pretrained(ckpt, device=args.device, **model_load_options(args))
+
+
+def sampling_args(p: argparse.ArgumentParser, *, batch_size: int | None = None) -> None:
+    """``--steps``, ``--cfg``, ``--shift``, ``--sampler``, ``--seed`` (and ``--batch-size`` when
+    given a default): how images are sampled. Unset steps / cfg / shift are the checkpoint's."""
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--cfg", dest="cfg_scale", type=number(0.0), default=None,
+                   help="classifier-free guidance scale, >= 0 (default: the checkpoint's)")
+    p.add_argument("--shift", type=number(0.0, low_open=True), default=None,
+                   help="time shift a > 0 of t -> a t / (1 + (a - 1) t) (default: the checkpoint's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0],
+                   help="ODE sampler: euler (the released model's) or heun (second order)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="noise seed; the i-th image uses seed + i")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images sampled together")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The ``Pipeline.generate`` / ``sample`` keywords of ``sampling_args``' flags."""
+    return {"steps": args.steps, "cfg_scale": args.cfg_scale, "shift": args.shift, "sampler": args.sampler}
+
+
+def strength_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strength", type=number(0.0, 1.0, low_open=True), default=EDIT_STRENGTH,
+                   help="how much of the image is regenerated, in (0, 1]: sampling starts at t = 1 - strength")
 
 
 def model_load_args(p: argparse.ArgumentParser, *, lora: bool = True) -> None:

@@ -151,6 +151,14 @@ class FlowHeadConfig:
     stage_b_positions: Literal["official", "raster"] = "official"
 
 
+# an edit starts from its source latent at t = 1 - strength: the paper's edits start at t = 0.1
+EDIT_STRENGTH = 0.9
+# the longest answer decoded unless told otherwise (tokens)
+ANSWER_TOKENS = 128
+# the ODE samplers of image generation: euler is the released model's, heun the second-order one
+SAMPLERS = ("euler", "heun")
+
+
 @dataclass(kw_only=True)
 class TransportConfig:
     """Flow-matching time sampling, target and sampler defaults (see flow_head/transport.py)."""

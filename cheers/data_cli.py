@@ -114,7 +114,7 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="cheers data", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = OneLineParser(prog="cheers data",
                        description="Write and check training data: JSONL lines pointing at image files.\n\n"
                                    + SCHEMA,
                        epilog="The trainer reads such a JSONL directly too: data.jsonl=\"['data.jsonl']\".")

@@ -6,12 +6,12 @@ download; its outputs are noise. ``cheers demo`` trains a real model on the shap
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import torch
 
+from cheers.cli_args import OneLineParser, non_negative_int, output_folder
 from cheers.config import flavour
 from cheers.text_tokenizer import TextTokenizer, train_bpe
 
@@ -40,9 +40,9 @@ def make_debug_checkpoint(out: str | Path, seed: int = 0):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="cheers debug-checkpoint", description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("outputs/debug-checkpoint"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap = OneLineParser(prog="cheers debug-checkpoint", description=__doc__)
+    ap.add_argument("--out", type=output_folder, default=Path("outputs/debug-checkpoint"), help="the folder to write")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
     args = ap.parse_args(argv)
     make_debug_checkpoint(args.out, args.seed)
     print(f"wrote a random debug-flavour checkpoint to {args.out}")

@@ -15,6 +15,7 @@ import torch
 
 from cheers.attention import build_dense_mask
 from cheers.cuda_graphs import StaticDecoder, StaticVelocity
+from cheers.decode_batch import DecodeBatch, RowSampling, pick_token
 from cheers.errors import InputError
 from cheers.flow_head import transport
 from cheers.kv_cache import KVCache
@@ -169,8 +170,6 @@ class Engine:
 
         ``start=(x_src, t0)`` starts from ``t0 x_src + (1 - t0) noise`` at time t0 (editing).
         """
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
         use_cfg = null_rows is not None and cfg_scale != 1.0
         rows = cond_rows + (null_rows if use_cfg else [])
         pre = None
@@ -206,15 +205,23 @@ class Engine:
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prefix = self.prefill(rows, images)
-        llm = self.model.llm
-        logits = llm.logits(prefix.last_hidden)  # [R, V]
-        doc, pos = prefix.doc_ids, prefix.next_pos.clone()
-        static = None
         if self.static:
-            static = StaticDecoder(llm, prefix.cache, doc, pos, max_new_tokens, compile=self.compile)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=doc.device)
-        stop = torch.tensor(sorted(stop_ids), device=doc.device, dtype=torch.long)
+            prefix = self.prefill(rows, images)
+            logits = self.model.llm.logits(prefix.last_hidden)  # [R, V]
+            static = StaticDecoder(self.model.llm, prefix.cache, prefix.doc_ids, prefix.next_pos.clone(),
+                                   max_new_tokens, compile=self.compile)
+            step = static.step
+        else:
+            batch = self.decode_batch()
+            batch.join(rows, images, [RowSampling() for _ in rows])  # tokens are picked below, for all rows
+            logits = batch.logits
+
+            def step(nxt: torch.Tensor) -> torch.Tensor:
+                batch.advance(nxt)
+                return batch.logits
+
+        done = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
+        stop = torch.tensor(sorted(stop_ids), device=logits.device, dtype=torch.long)
         for _ in range(max_new_tokens):
             nxt = pick_token(logits, temperature, top_p, generator)
             nxt = torch.where(done, stop[0] if len(stop) else nxt, nxt)
@@ -222,26 +229,9 @@ class Engine:
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 return
-            if static is not None:
-                logits = static.step(nxt)
-                continue
-            doc = torch.cat([doc, torch.zeros_like(doc[:, :1])], 1)
-            hidden = llm.hidden_states(nxt[:, None], position_ids=pos[:, None],
-                                       mask=build_dense_mask(doc, None, q_len=1), cache=prefix.cache)
-            pos += 1
-            logits = llm.logits(hidden[:, -1])
+            logits = step(nxt)
 
-
-def pick_token(logits: torch.Tensor, temperature: float, top_p: float,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [R, V] -> token ids [R]: argmax at temperature 0, else top-p sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
+    def decode_batch(self) -> DecodeBatch:
+        """An empty batch of text decodes on this engine, which rows join and leave between
+        steps (continuous batching, as the server runs its chats)."""
+        return DecodeBatch(self)

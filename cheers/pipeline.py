@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cheers.checkpoint import load_pretrained
+from cheers.config import ANSWER_TOKENS, EDIT_STRENGTH, SAMPLERS
 from cheers.detokenizer import Detokenizer
 from cheers.engine import Engine
 from cheers.errors import CheckpointError, InputError
@@ -30,8 +33,13 @@ def default_checkpoint() -> Path:
     return home / "shapes-demo"
 
 
-def load_image(src: str | Path | Image.Image, size: int) -> torch.Tensor:
-    """An RGB image resized and centre-cropped to ``size`` -> [3, size, size] in [0, 1]."""
+def load_image(src: str | Path | Image.Image | torch.Tensor, size: int) -> torch.Tensor:
+    """An RGB image resized and centre-cropped to ``size`` -> [3, size, size] in [0, 1]; a tensor
+    must already be [3, size, size] in [0, 1]."""
+    if torch.is_tensor(src):
+        if tuple(src.shape) != (3, size, size):
+            raise InputError(f"an image tensor must be [3, {size}, {size}], got {list(src.shape)}")
+        return src
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -81,7 +89,7 @@ class Pipeline:
             raise CheckpointError(f"LoRA folder not found: {lora}")
         check_options(device, weights, offload)
         if weights is not None and offload is not None:
-            raise InputError("--weights and --offload together are not supported: choose one")
+            raise InputError("weights and offload together are not supported: choose one")
         tok = TextTokenizer.from_dir(text_tokenizer or path)
         model = load_pretrained(path, device="cpu" if offload else device, dtype=dtype, tokens=tok.special)
         if lora is not None:
@@ -123,13 +131,25 @@ class Pipeline:
 
     def sampling_settings(self, steps: int | None = None, cfg_scale: float | None = None,
                           shift: float | None = None) -> tuple[int, float, float]:
-        """(steps, cfg_scale, shift) with each unset one taken from the checkpoint's ``transport``."""
+        """(steps, cfg_scale, shift), each unset one the checkpoint's ``transport`` setting (the
+        released model's 80 / 9.5 / 0.5), checked: ``InputError`` names a bad parameter."""
         tc = self.cfg.transport
         steps = tc.sample_steps if steps is None else steps
-        if steps < 1:
-            raise InputError(f"--steps must be >= 1, got {steps}")
-        return (steps, tc.cfg_scale if cfg_scale is None else cfg_scale,
-                tc.sample_shift if shift is None else shift)
+        cfg_scale = tc.cfg_scale if cfg_scale is None else cfg_scale
+        shift = tc.sample_shift if shift is None else shift
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+            raise InputError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+        if not (math.isfinite(shift) and shift > 0):
+            raise InputError(f"shift must be a finite number > 0, got {shift!r}")
+        return steps, cfg_scale, shift
+
+    def _settings(self, steps: int | None, cfg_scale: float | None, shift: float | None,
+                  sampler: str) -> tuple[int, float, float, str]:
+        if sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return (*self.sampling_settings(steps, cfg_scale, shift), sampler)
 
     @property
     def max_tokens(self) -> int:
@@ -138,11 +158,15 @@ class Pipeline:
 
     def t2i_rows(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of text-to-image prompts, each checked to fit the model with its image
-        block (and the dummy image prefix, when the model has one): a prompt that is too long
-        is refused here, before any sampling."""
+        block (and the dummy image prefix, when the model has one): an empty list or a prompt
+        that is too long is refused here, before any sampling."""
+        if not prompts:
+            raise InputError("no prompts given")
         extra = self.cfg.tokens_per_image * (2 if self.cfg.dummy_image_prefix else 1)
         rows = []
         for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt {i + 1} is a {type(prompt).__name__}, not a string")
             ids = self.text_tokenizer.t2i_prompt(prompt)
             if len(ids) + extra > self.max_tokens:
                 raise InputError(
@@ -160,12 +184,10 @@ class Pipeline:
                              f"the model's maximum is {self.max_tokens}")
         return ids
 
-    def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
-                         cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
-                         start: tuple[torch.Tensor, float] | None = None,
-                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
-        steps, cfg_scale, shift = self.sampling_settings(steps, cfg_scale, shift)
-        rows = self.t2i_rows(prompts)
+    def _latents(self, rows: list[list[int]], seeds: list[int], settings: tuple[int, float, float, str],
+                 start: tuple[torch.Tensor, float] | None, callback: Callable[[int], None] | None) -> torch.Tensor:
+        """Latents [B, C, G, G] of checked prompt rows, seed ``seeds[i]`` for row i."""
+        steps, cfg_scale, shift, sampler = settings
         nulls = [null_prompt(r, self.cfg) for r in rows]
         noise = torch.cat([self._noise(1, s) for s in seeds])
         dummies = [self._dummy(s) for s in seeds] if self.cfg.dummy_image_prefix else None
@@ -173,42 +195,89 @@ class Pipeline:
                                          shift=shift, sampler=sampler, prefix_images=dummies,
                                          start=start, callback=callback)
 
-    def generate(self, prompts: list[str] | str, *, seed: int = 0, batch_size: int = 8,
-                 callback: Callable[[int], None] | None = None, **kw) -> list[Image.Image]:
-        """One image per prompt; prompt i uses seed ``seed + i``."""
+    def _images(self, rows: list[list[int]], seeds: list[int], settings: tuple[int, float, float, str],
+                start: tuple[torch.Tensor, float] | None, callback: Callable[[int], None] | None
+                ) -> list[Image.Image]:
+        lat = self._latents(rows, seeds, settings, start, callback)
+        with torch.no_grad():
+            pixels = self.model.tokenizer.decode(lat)
+        return [to_pil(p) for p in pixels]
+
+    def _start(self, sources: list, strength: float) -> tuple[torch.Tensor, float]:
+        """(source latents [B, C, G, G], start time 1 - strength) of an edit batch."""
+        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+            raise InputError(f"strength must be in (0, 1], got {strength!r}")
+        pixels = torch.stack([load_image(s, self.image_size) for s in sources]).to(self.engine.device)
+        with torch.no_grad():
+            return self.model.tokenizer.encode(pixels), 1.0 - strength
+
+    @staticmethod
+    def _check_seeds(seeds: list[int], rows: list) -> None:
+        if len(seeds) != len(rows):
+            raise InputError(f"seeds has {len(seeds)} entries for {len(rows)} prompts")
+
+    def generate_latents(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
+                         cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+                         start: tuple[torch.Tensor, float] | None = None,
+                         callback: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Latents [B, C, G, G] of one sampler batch, before the pixel decoder (see ``sample``);
+        ``start=(x_src, t0)`` starts from source latents at time t0."""
+        rows = self.t2i_rows(prompts)
+        self._check_seeds(seeds, rows)
+        return self._latents(rows, seeds, self._settings(steps, cfg_scale, shift, sampler), start, callback)
+
+    def sample(self, prompts: list[str], *, seeds: list[int], steps: int | None = None,
+               cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+               sources: list | None = None, strength: float = EDIT_STRENGTH,
+               callback: Callable[[int], None] | None = None) -> list[Image.Image]:
+        """One sampler batch: image i from ``prompts[i]`` and the noise of ``seeds[i]``; with
+        ``sources`` (images, paths or [3, S, S] tensors in [0, 1]) image i is an edit of
+        ``sources[i]``, started at t = 1 - ``strength``. Unset ``steps`` / ``cfg_scale`` / ``shift``
+        are the checkpoint's. ``callback(step)`` runs after each sampler step; an exception it
+        raises stops the batch."""
+        rows = self.t2i_rows(prompts)
+        self._check_seeds(seeds, rows)
+        if sources is not None and len(sources) != len(rows):
+            raise InputError(f"sources has {len(sources)} images for {len(rows)} prompts")
+        settings = self._settings(steps, cfg_scale, shift, sampler)
+        start = None if sources is None else self._start(sources, strength)
+        return self._images(rows, seeds, settings, start, callback)
+
+    def generate(self, prompts: list[str] | str, *, seed: int = 0, batch_size: int = 8, steps: int | None = None,
+                 cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+                 callback: Callable[[int], None] | None = None) -> list[Image.Image]:
+        """One image per prompt, sampled ``batch_size`` at a time; prompt i uses seed ``seed + i``.
+        Unset ``steps`` / ``cfg_scale`` / ``shift`` are the checkpoint's (``sampling_settings``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise InputError("no prompts given")
-        self.t2i_rows(prompts)  # every prompt checked before the first batch samples
+        rows = self.t2i_rows(prompts)  # every prompt checked before the first batch samples
+        settings = self._settings(steps, cfg_scale, shift, sampler)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         out: list[Image.Image] = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            seeds = [seed + i + j for j in range(len(chunk))]
-            lat = self.generate_latents(chunk, seeds=seeds, callback=callback, **kw)
-            with torch.no_grad():
-                pixels = self.model.tokenizer.decode(lat)
-            out += [to_pil(p) for p in pixels]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            out += self._images(chunk, [seed + i + j for j in range(len(chunk))], settings, None, callback)
         return out
 
-    def edit(self, image, prompt: str, *, strength: float = 0.9, seed: int = 0, **kw) -> Image.Image:
+    def edit(self, image, prompt: str, *, strength: float = EDIT_STRENGTH, seed: int = 0, steps: int | None = None,
+             cfg_scale: float | None = None, shift: float | None = None, sampler: str = "euler",
+             callback: Callable[[int], None] | None = None) -> Image.Image:
         """Regenerate ``image`` guided by ``prompt``, starting at t = 1 - strength from its latent
         (the paper's recipe: strength 0.9, i.e. t = 0.1)."""
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"--strength must be in (0, 1], got {strength}")
-        self.t2i_rows([prompt])
-        pixels = load_image(image, self.image_size)[None].to(self.engine.device)
-        with torch.no_grad():
-            x_src = self.model.tokenizer.encode(pixels)
-        lat = self.generate_latents([prompt], seeds=[seed], start=(x_src, 1.0 - strength), **kw)
-        with torch.no_grad():
-            return to_pil(self.model.tokenizer.decode(lat)[0])
+        return self.sample([prompt], seeds=[seed], steps=steps, cfg_scale=cfg_scale, shift=shift, sampler=sampler,
+                           sources=[image], strength=strength, callback=callback)[0]
 
     # ------------------------------------------------------------------ understanding
 
-    def stream(self, images: list, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+    def stream(self, images: list, question: str, *, max_new_tokens: int = ANSWER_TOKENS, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, history=None) -> Iterator[str]:
-        """Yield the answer piece by piece as tokens are decoded (streaming)."""
+        """Yield the answer piece by piece as tokens are decoded (streaming): greedy at
+        ``temperature`` 0, else nucleus sampling over ``top_p`` of the probability."""
         ids = self.i2t_row(question, len(images), history=history)
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
         pix = [load_image(im, self.image_size) for im in images]
         stop = {self.cfg.tokens.eos, self.cfg.tokens.pad}
         g = torch.Generator(device=self.engine.device).manual_seed(seed)
@@ -223,6 +292,9 @@ class Pipeline:
         if tail := detok.flush():
             yield tail
 
-    def understand(self, image, question: str, **kw) -> str:
+    def understand(self, image, question: str, *, max_new_tokens: int = ANSWER_TOKENS, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, history=None) -> str:
+        """The answer to ``question`` about ``image`` (one image or a list), as ``stream`` decodes it."""
         images = image if isinstance(image, list) else [image]
-        return "".join(self.stream(images, question, **kw)).strip()
+        return "".join(self.stream(images, question, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed, history=history)).strip()

@@ -23,9 +23,7 @@ Output folder (``config.json`` + ``model.safetensors`` + the tokenizer):
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +33,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cheers.cli_args import OneLineParser, non_negative_int, output_folder, positive_int
-from cheers.errors import InputError
+from cheers.cli_args import (
+    OneLineParser,
+    checkpoint_args,
+    checkpoint_path,
+    non_negative_int,
+    output_folder,
+    positive_int,
+)
+from cheers.errors import CheersError, InputError
+from cheers.text_tokenizer import copy_tokenizer_files
 
 CALIB_SEED = (
     7_000  # shapes calibration scenes: a seed the demo's training and evaluation do not use
 )
 CALIB_MIX = {"t2i": 0.5, "i2t": 0.4, "text": 0.1}  # the shapes recipe's task mix
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 @torch.no_grad()
@@ -78,7 +83,7 @@ def calibration_batches(
     from cheers.train.data import SampleLoader
 
     if samples < 1 or batch_size < 1:
-        raise InputError(f"--samples and --batch-size must be >= 1, got {samples} and {batch_size}")
+        raise InputError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
     data = DataConfig(
         shards=list(shards),
         ratios=dict(CALIB_MIX),
@@ -211,9 +216,7 @@ def quantize_checkpoint(
             "layers": [f"llm.{n}" for n in report.quantized],
         }
         write_json(config, out / "config.json")
-    for name in TOKENIZER_FILES:
-        if (ckpt / name).is_file():
-            shutil.copy(ckpt / name, out / name)
+    copy_tokenizer_files(ckpt, out)
     summary = {
         "method": method,
         "source": str(ckpt),
@@ -237,20 +240,10 @@ def quantize_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cheers.pipeline import default_checkpoint
-
-    ap = OneLineParser(
-        prog="cheers quantize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument(
-        "--ckpt",
-        type=Path,
-        default=None,
-        help="full-precision checkpoint folder (default: the demo's)",
-    )
-    ap.add_argument("--method", choices=["lcqat", "rtn", "gptq"], default="lcqat")
+    ap = OneLineParser(prog="cheers quantize", description=__doc__)
+    checkpoint_args(ap, load=False, what="full-precision checkpoint folder")
+    ap.add_argument("--method", choices=["lcqat", "rtn", "gptq"], default="lcqat",
+                    help="LC-QAT (packed 2-bit), or round-to-nearest / GPTQ on the same grid (fake-quantized)")
     ap.add_argument(
         "--calib",
         action="append",
@@ -280,18 +273,18 @@ def main(argv: list[str] | None = None) -> int:
         "--sweeps",
         type=non_negative_int,
         default=None,
-        help="lcqat: refinement sweeps after the LDL pass",
+        help="lcqat: refinement sweeps after the LDL pass (default 2)",
     )
     ap.add_argument(
-        "--hadamard", choices=["full", "block128"], default=None, help="lcqat: transform"
+        "--hadamard", choices=["full", "block128"], default=None, help="lcqat: the Hadamard transform (default: full)"
     )
-    ap.add_argument("--seed", type=non_negative_int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of the calibration samples' order and noise")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    ckpt = args.ckpt or default_checkpoint()
-    if not ckpt.is_dir():
-        ap.error(f"checkpoint folder not found: {ckpt}")
+    try:
+        ckpt = checkpoint_path(args)
+    except CheersError as e:
+        ap.error(str(e))
     out = args.out or ckpt.with_name(f"{ckpt.name}-{args.method}")
     opts = {
         k: v

@@ -21,46 +21,22 @@ import argparse
 import json
 from pathlib import Path
 
-from cheers.cli_args import OneLineParser, model_load_args, non_negative_int, number, positive_int
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ckpt", type=Path, default=None, help="checkpoint folder (default: the shapes demo's)"
-    )
-    p.add_argument("--device", default="cpu")
-    model_load_args(p, lora=False)
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="sampling steps (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--cfg",
-        type=number(0.0),
-        default=None,
-        help="guidance scale, >= 0 (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--shift",
-        type=number(0.0, low_open=True),
-        default=None,
-        help="time shift, > 0 (default: the checkpoint's)",
-    )
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images sampled together")
+from cheers.cli_args import (
+    OneLineParser,
+    checkpoint_args,
+    non_negative_int,
+    open_pipeline,
+    positive_int,
+    sampling_args,
+    sampling_options,
+)
 
 
 def _answer_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="questions answered together"
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="longest answer, in tokens")
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +45,7 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="OpenAI-compatible API base, used only when the rule-based matcher reads nothing",
     )
-    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-model", default=None, help="the judge's model name at --judge-url")
     p.add_argument(
         "--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the key"
     )
@@ -83,17 +59,6 @@ def _judge(args):
     return Judge(args.judge_url, args.judge_model, key_env=args.judge_key_env)
 
 
-def _pipe(args):
-    from cheers.cli import open_pipeline
-
-    return open_pipeline(args)
-
-
-def _sampling(args) -> dict:
-    kw = {"steps": args.steps, "cfg_scale": args.cfg, "shift": args.shift, "sampler": args.sampler}
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -102,13 +67,13 @@ def geneval_generate(args) -> None:
 
     meta = geneval.read_metadata(args.metadata)
     res = geneval.generate(
-        _pipe(args),
+        open_pipeline(args),
         meta,
         args.out,
         n=args.n,
         seed=args.seed,
         batch_size=args.batch_size,
-        **_sampling(args),
+        **sampling_options(args),
     )
     print(
         f"geneval: {res['written']} prompt(s) generated, {res['skipped']} already done, in {args.out}"
@@ -146,12 +111,12 @@ def dpg_generate(args) -> None:
     from cheers.eval import dpg
 
     res = dpg.generate(
-        _pipe(args),
+        open_pipeline(args),
         args.prompts,
         args.out,
         seed=args.seed,
         batch_size=args.batch_size,
-        **_sampling(args),
+        **sampling_options(args),
     )
     print(f"dpg: {res['written']} grid(s) written, {res['skipped']} already done, in {args.out}")
 
@@ -180,7 +145,7 @@ def mmbench_run(args) -> None:
     from cheers.eval import mmbench
 
     acc = mmbench.run(
-        _pipe(args),
+        open_pipeline(args),
         args.tsv,
         args.out,
         judge=_judge(args),
@@ -209,7 +174,7 @@ def mme_run(args) -> None:
     from cheers.eval import mme
 
     result = mme.run(
-        _pipe(args),
+        open_pipeline(args),
         str(args.tsv),
         args.out,
         judge=_judge(args),
@@ -234,8 +199,8 @@ def shapes(args) -> None:
     from cheers.shapes.dataset import write_geneval_metadata, write_mmbench_tsv
 
     out: Path = args.out
-    pipe = _pipe(args)
-    sampling = _sampling(args)
+    pipe = open_pipeline(args)
+    sampling = sampling_options(args)
     meta = write_geneval_metadata(
         str(out / "geneval_metadata.jsonl"), args.prompts_per_tag, seed=args.data_seed
     )
@@ -292,35 +257,32 @@ def shapes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(
-        prog="cheers eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = OneLineParser(prog="cheers eval", description=__doc__)
     bench = ap.add_subparsers(dest="bench", required=True)
 
     g = bench.add_parser("geneval", help="GenEval").add_subparsers(dest="action", required=True)
     p = g.add_parser("generate", help="images in the official layout (resumable)")
     p.add_argument("--metadata", type=Path, required=True, help="evaluation_metadata.jsonl")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the folder of the official layout")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt")
-    _model_args(p)
-    _sampling_args(p)
+    checkpoint_args(p, lora=False)
+    sampling_args(p, batch_size=8)
     p.set_defaults(fn=geneval_generate)
     p = g.add_parser("score", help="the official rules over a detector -> results.jsonl")
-    p.add_argument("imagedir", type=Path)
+    p.add_argument("imagedir", type=Path, help="the folder `geneval generate` wrote")
     p.add_argument(
         "--out", type=Path, default=None, help="results.jsonl (default: IMAGEDIR/results.jsonl)"
     )
-    p.add_argument("--detector", choices=["shapes", "mask2former"], default="shapes")
+    p.add_argument("--detector", choices=["shapes", "mask2former"], default="shapes",
+                   help="the shapes world's analytic detector, or the official Mask2Former")
     p.add_argument(
         "--detector-config", default=None, help="mmdetection 2.x Mask2Former config file"
     )
     p.add_argument("--detector-ckpt", default=None, help="Mask2Former Swin-S COCO .pth")
     p.add_argument("--class-names", default=None, help="GenEval's evaluation/object_names.txt")
     p.add_argument("--clip-ckpt", default=None, help="local open_clip weights (OpenAI ViT-L-14)")
-    p.add_argument("--clip-arch", default="ViT-L-14")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--clip-arch", default="ViT-L-14", help="open_clip architecture of --clip-ckpt")
+    p.add_argument("--device", default="cpu", help="where the scorers run: cpu, cuda, cuda:N")
     p.add_argument(
         "--options",
         nargs="*",
@@ -329,22 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=geneval_score)
     p = g.add_parser("summary", help="summary.json and the official table from results.jsonl")
-    p.add_argument("results", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("results", type=Path, help="the results.jsonl of `geneval score`")
+    p.add_argument("--out", type=Path, required=True, help="the folder for summary.json")
     p.set_defaults(fn=geneval_summary)
 
     d = bench.add_parser("dpg", help="DPG-Bench").add_subparsers(dest="action", required=True)
     p = d.add_parser("generate", help="one 2x2 grid <name>.png per <name>.txt (resumable)")
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    _model_args(p)
-    _sampling_args(p)
+    p.add_argument("--prompts", type=Path, required=True, help="a folder of <name>.txt prompts")
+    p.add_argument("--out", type=Path, required=True, help="the folder for the grids")
+    checkpoint_args(p, lora=False)
+    sampling_args(p, batch_size=8)
     p.set_defaults(fn=dpg_generate)
     p = d.add_parser("score", help="VQA with dependency zeroing")
-    p.add_argument("imagedir", type=Path)
+    p.add_argument("imagedir", type=Path, help="the folder `dpg generate` wrote")
     p.add_argument("--csv", type=Path, required=True, help="dpg_bench.csv")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--vqa", choices=["shapes", "mplug"], default="shapes")
+    p.add_argument("--out", type=Path, required=True, help="the report's folder")
+    p.add_argument("--vqa", choices=["shapes", "mplug"], default="shapes",
+                   help="the shapes world's answerer, or the official mPLUG-large")
     p.add_argument(
         "--vqa-model-dir", default=None, help="local mPLUG-large VQA folder (ModelScope)"
     )
@@ -357,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the CSV's first question too (the official reader skips it)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the VQA model runs: cpu, cuda, cuda:N")
     p.set_defaults(fn=dpg_score)
 
     for name, run_fn, score_fn, tokens in (
@@ -366,37 +329,38 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = bench.add_parser(name, help=name.upper()).add_subparsers(dest="action", required=True)
         p = s.add_parser("run", help="answer the TSV, write predictions.tsv, score")
-        p.add_argument("--tsv", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-        _model_args(p)
+        p.add_argument("--tsv", type=Path, required=True, help="the benchmark's TSV")
+        p.add_argument("--out", type=Path, required=True, help="the folder for predictions and scores")
+        checkpoint_args(p, lora=False)
         _answer_args(p, tokens)
         _judge_args(p)
         p.set_defaults(fn=run_fn)
         q = s.add_parser("score", help="score a VLMEvalKit predictions file (TSV or XLSX)")
-        q.add_argument("--pred", type=Path, required=True)
-        q.add_argument("--out", type=Path, required=True)
+        q.add_argument("--pred", type=Path, required=True, help="the predictions file")
+        q.add_argument("--out", type=Path, required=True, help="the folder for the scores")
         _judge_args(q)
         q.set_defaults(fn=score_fn)
         if name == "mmbench":
-            p.add_argument("--prompt-style", choices=["llava", "vlmevalkit"], default="llava")
+            p.add_argument("--prompt-style", choices=["llava", "vlmevalkit"], default="llava",
+                           help="how a question and its options are laid out in the prompt")
             for x in (p, q):
                 x.add_argument(
                     "--vanilla", action="store_true", help="score rows alone, not CircularEval"
                 )
 
     p = bench.add_parser("shapes", help="all four benchmarks on the shapes world")
-    p.add_argument("--out", type=Path, default=Path("outputs/shapes-eval"))
-    _model_args(p)
-    _sampling_args(p)
+    p.add_argument("--out", type=Path, default=Path("outputs/shapes-eval"), help="the folder of every result")
+    checkpoint_args(p, lora=False)
+    sampling_args(p, batch_size=8)
     p.add_argument(
         "--prompts-per-tag", type=positive_int, default=8, help="GenEval prompts per tag"
     )
-    p.add_argument("--dpg-prompts", type=positive_int, default=24)
+    p.add_argument("--dpg-prompts", type=positive_int, default=24, help="DPG-Bench prompts")
     p.add_argument(
         "--questions", type=positive_int, default=60, help="MMBench questions and MME images"
     )
-    p.add_argument("--answer-batch-size", type=positive_int, default=32)
-    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--answer-batch-size", type=positive_int, default=32, help="questions answered together")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer, in tokens")
     p.add_argument(
         "--data-seed", type=non_negative_int, default=1, help="seed of the held-out shapes sets"
     )

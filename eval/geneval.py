@@ -87,15 +87,8 @@ def _finished(folder: Path, meta: dict, n: int) -> bool:
 
 
 def render(pipe, prompts: list[str], seeds: list[int], callback=None, **sampling) -> list:
-    """One image per prompt with an explicit seed each (PIL images)."""
-    import torch
-
-    from cheers.pipeline import to_pil
-
-    lat = pipe.generate_latents(prompts, seeds=seeds, callback=callback, **sampling)
-    with torch.no_grad():
-        pixels = pipe.model.tokenizer.decode(lat)
-    return [to_pil(p) for p in pixels]
+    """One image per prompt with an explicit seed each (PIL images), as one sampler batch."""
+    return pipe.sample(prompts, seeds=seeds, callback=callback, **sampling)
 
 
 def generate(
@@ -117,7 +110,7 @@ def generate(
     from tqdm import tqdm
 
     if n < 1:
-        raise InputError(f"--n must be >= 1, got {n}")
+        raise InputError(f"n must be >= 1, got {n}")
     out = Path(out)
     jobs, skipped = [], 0
     for i, meta in enumerate(metadata):

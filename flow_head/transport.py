@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from cheers.config import TransportConfig
+from cheers.config import SAMPLERS, TransportConfig
 from cheers.errors import InputError
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -102,8 +102,8 @@ def sample_ode(velocity: VelocityFn, x: torch.Tensor, *, steps: int, shift: floa
     ``callback(n)`` is called ``steps`` times, n = 0 .. steps - 1, the last once x has reached
     t = 1, whatever the sampler, so a progress bar of ``steps`` ends at its total.
     """
-    if sampler not in ("euler", "heun"):
-        raise InputError(f"unknown sampler {sampler!r}; use 'euler' or 'heun'")
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     grid = time_grid(steps, shift, t_start)
     if sampler == "euler":
         for n, t in enumerate(grid):

@@ -7,8 +7,8 @@ every output depends on the LLM's adapted projections.
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 from serve_helpers import LiveServer, data_uri, png, talkative_checkpoint
 
+from cheers.decode_batch import DecodeBatch, RowSampling
 from cheers.pipeline import Pipeline, load_image
 from cheers.serve import ServeConfig, create_app
-from cheers.serve.decode_batch import DecodeBatch, RowSampling
 
 KEY = "test-key-123"
 STEPS = 3  # sampler steps of the tests' images: enough to exercise the sampler, and fast

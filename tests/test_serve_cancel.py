@@ -11,9 +11,9 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, talkative_checkpoint, wait_until
 
+from cheers.decode_batch import DecodeBatch
 from cheers.pipeline import Pipeline
 from cheers.serve import ServeConfig, create_app
-from cheers.serve.decode_batch import DecodeBatch
 
 TOKENS = 300  # at >= 20 ms a decode step: >= 6 s per answer
 STEPS = 200  # at >= 20 ms a sampler step: >= 4 s per image

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import LiveServer, talkative_checkpoint, wait_until
 
+from cheers.decode_batch import DecodeBatch
 from cheers.pipeline import Pipeline
 from cheers.serve import ServeConfig, create_app
-from cheers.serve.decode_batch import DecodeBatch
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cheers.config import to_dict
 from cheers.errors import CheckpointError
+from cheers.text_tokenizer import copy_tokenizer_files
 
 from .config import RunConfig
 from .ema import EMA
@@ -300,8 +301,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, ema: bool = False, me
 def _copy_run_tokenizer(run: dict[str, Any], out: Path, *, source: str) -> None:
     """Put the run's tokenizer (``data.text_tokenizer_dir``) beside an exported model, so the
     folder loads alone for inference; a tokenizer that has since gone is named in a warning."""
-    from cheers.text_tokenizer import copy_tokenizer_files
-
     folder = run.get("data", {}).get("text_tokenizer_dir") or ""
     if not (folder and copy_tokenizer_files(folder, out)):
         log.warning("%s: the run's tokenizer (data.text_tokenizer_dir=%r) has no tokenizer.json; copy one "
@@ -314,7 +313,6 @@ def _export_lora(run: dict[str, Any], weights: dict[str, torch.Tensor], out: Pat
     checkpoint's adapters and fully-trained tensors, written as an adapter folder or merged."""
     from cheers import lora
     from cheers.checkpoint import load_pretrained, save_pretrained
-    from cheers.text_tokenizer import copy_tokenizer_files
 
     base = run["train"].get("init_from") or run.get("lcqat", {}).get("init")
     if base is None or not Path(base).is_dir():

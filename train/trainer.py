@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from cheers.errors import ConfigError
-from cheers.lora import add_adapters, adapter_shapes, base_names, initial_adapter_state
+from cheers.lora import adapter_shapes, add_adapters, base_names, initial_adapter_state
 
 from .checkpoint import (
     init_from_export,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import io
 import json
 import logging
 import re
@@ -32,10 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from cheers.cli_args import image_meta, png_bytes_with_meta
 from cheers.errors import CheersError
 from cheers.pipeline import Pipeline
 from cheers.serve.config import ServeConfig
@@ -178,15 +177,6 @@ def internal_error(request_id: str) -> APIError:
     """What a client learns of an unexpected failure: that it happened, and the id to look up in
     the log; never the exception's text."""
     return APIError(500, f"internal error (request id {request_id})", type="server_error", code="internal_error")
-
-
-def png_bytes(image, meta: dict) -> bytes:
-    """PNG bytes carrying ``meta`` as JSON in a ``cheers`` text chunk, as the CLI writes them."""
-    info = PngInfo()
-    info.add_text("cheers", json.dumps(meta))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 class ClientGone(Exception):
@@ -424,7 +414,7 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
         finally:
             waiter.close()
 
-    async def images_response(request: Request, req: ImageRequest, meta: dict):
+    async def images_response(request: Request, req: ImageRequest, **meta_extra):
         job = ImageJob(asyncio.get_running_loop(), req)
         submit(job)
         waiter = Waiter(scheduler, job, request, cfg.request_timeout)
@@ -438,23 +428,23 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
             raise as_api_error(event[1], request)
 
         def encode() -> list[dict]:
-            return [{"b64_json": base64.b64encode(png_bytes(img, {**meta, "seed": s})).decode(),
+            def meta(seed: int) -> dict:
+                return image_meta(prompt=req.prompt, seed=seed, steps=req.steps, cfg_scale=req.cfg_scale,
+                                  shift=req.shift, sampler="euler", ckpt=cfg.model_name, **meta_extra)
+
+            return [{"b64_json": base64.b64encode(png_bytes_with_meta(img, meta(s))).decode(),
                      "revised_prompt": None, "seed": s} for img, s in zip(event[1], req.seeds, strict=True)]
 
         request.state.images = len(event[1])
         return {"created": int(time.time()), "data": await run_in_threadpool(encode),
                 "output_format": "png", "size": f"{size}x{size}"}
 
-    def settings(req: ImageRequest) -> dict:
-        return {"prompt": req.prompt, "steps": req.steps, "cfg": req.cfg_scale, "shift": req.shift,
-                "sampler": "euler", "ckpt": cfg.model_name}
-
     @v1.post("/images/generations")
     async def generations(request: Request):
         admit(request, "application/json")
         raw = await json_body(request)
         req = await run_in_threadpool(lambda: parse_image_request(parse_json(raw), pipe, cfg))
-        return await images_response(request, req, settings(req))
+        return await images_response(request, req)
 
     @v1.post("/images/edits")
     async def edits(request: Request):
@@ -472,7 +462,7 @@ def create_app(pipe: Pipeline, cfg: ServeConfig) -> FastAPI:
             return parse_image_request(body, pipe, cfg, open_image(raw, "image", cfg.max_image_pixels))
 
         req = await run_in_threadpool(parse)
-        return await images_response(request, req, {**settings(req), "source": "upload", "strength": req.strength})
+        return await images_response(request, req, source="upload", strength=req.strength)
 
     app.include_router(v1)
 

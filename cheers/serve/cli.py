@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 from cheers.cli_args import (
     OneLineParser,
+    checkpoint_args,
+    checkpoint_path,
     integer,
-    model_load_args,
-    model_load_options,
     number,
+    open_pipeline,
     positive_int,
 )
-from cheers.errors import CheersError
 from cheers.serve.config import ServeConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -24,12 +23,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
     ap = OneLineParser(prog="cheers serve", description=__doc__)
-    ap.add_argument("--ckpt", type=Path, default=None,
-                    help="checkpoint folder (default: the shapes demo checkpoint made by `cheers demo`)")
-    ap.add_argument("--device", default="cpu")
-    model_load_args(ap)
+    checkpoint_args(ap)
     ap.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    ap.add_argument("--port", type=integer(0), default=d.port)
+    ap.add_argument("--port", type=integer(0), default=d.port, help="port to listen on (0: any free one)")
     ap.add_argument("--api-key", default=os.environ.get("CHEERS_API_KEY") or None,
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CHEERS_API_KEY)")
     ap.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
@@ -41,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long an image request waits for others to share its batch")
     ap.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="limit of a chat's max_tokens")
     ap.add_argument("--max-n", type=positive_int, default=d.max_n, help="limit of the images per request")
-    ap.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels)
-    ap.add_argument("--max-body-mb", type=number(0, low_open=True), default=d.max_body_bytes / 2**20)
+    ap.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels,
+                    help="largest uploaded image, in pixels (width x height)")
+    ap.add_argument("--max-body-mb", type=number(0, low_open=True), default=d.max_body_bytes / 2**20,
+                    help="largest request body, in MiB")
     ap.add_argument("--request-timeout", type=number(0, low_open=True), default=None,
                     help="seconds a request may take from arrival to its answer's end; then 504 (default: no limit)")
     ap.add_argument("--limit-concurrency", type=positive_int, default=256,
@@ -54,19 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "localhost; guards against DNS rebinding)")
     ap.add_argument("--cors-origin", nargs="+", default=(), metavar="ORIGIN",
                     help="web origins allowed to call the API from a browser (default: none)")
-    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="what the server logs")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from cheers.pipeline import Pipeline, default_checkpoint
-
-    ckpt = args.ckpt or default_checkpoint()
-    if not ckpt.is_dir():
-        hint = (" Run `cheers demo` to train the shapes-world model (CPU, about 8 minutes), or "
-                "`cheers debug-checkpoint` for a random tiny one, and pass it with --ckpt.") if args.ckpt is None else ""
-        raise CheersError(f"checkpoint folder not found: {ckpt}.{hint}")
+    ckpt = checkpoint_path(args)
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
                       model_name=args.model_name or ckpt.resolve().name, queue_size=args.queue_size,
                       max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_tokens=args.max_tokens,
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("cheers.serve").warning(
             "bound to every address, but only Host headers %s are answered: name this machine's with --allowed-hosts",
             "/".join(sorted(cfg.host_names())))
-    pipe = Pipeline.from_pretrained(ckpt, device=args.device, **model_load_options(args))
+    pipe = open_pipeline(args)
     print(f"cheers serve: {cfg.model_name} ({ckpt}) on http://{cfg.host}:{cfg.port}/", flush=True)
     Server(uvicorn.Config(create_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level=args.log_level,
                           limit_concurrency=args.limit_concurrency,

@@ -2,7 +2,7 @@
 
 * Image requests (generations and edits) that arrive within ``batch_window_ms`` of the first
   one, and share its sampling settings, run as one sampler batch (their CFG rows included).
-* Chat requests decode together in a :class:`DecodeBatch`: a request joins between two decode
+* Chat requests decode together in the engine's ``DecodeBatch``: a request joins between two decode
   steps and leaves as soon as it is done, so a long answer does not hold up a short one. While
   an image batch samples, the chat batch decodes between its steps, for as long as each step
   took: images and chats share the model by time.
@@ -27,10 +27,10 @@ from collections import deque
 
 import torch
 
+from cheers.decode_batch import RowSampling
 from cheers.detokenizer import Detokenizer
-from cheers.pipeline import Pipeline, to_pil
+from cheers.pipeline import Pipeline
 from cheers.serve.config import ServeConfig
-from cheers.serve.decode_batch import DecodeBatch, RowSampling
 from cheers.serve.errors import APIError
 from cheers.serve.metrics import ServeMetrics
 from cheers.serve.validation import ChatRequest, ImageRequest
@@ -136,7 +136,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._rows: list[ChatJob] = []  # decoding now, in the batch's row order
-        self._batch = DecodeBatch(pipe.engine)
+        self._batch = pipe.engine.decode_batch()
         self._sampling = 0  # image jobs in the sampler now, less those cancelled there
         self._images: list[ImageJob] = []  # the running image batch
         self._stop_ids = {pipe.cfg.tokens.eos, pipe.cfg.tokens.pad}
@@ -341,18 +341,12 @@ class Scheduler:
         first = jobs[0].request
         prompts = [j.request.prompt for j in jobs for _ in range(j.request.n)]
         seeds = [s for j in jobs for s in j.request.seeds]
-        model = self.pipe.model
-        start = None
+        edit = {} if first.source is None else {
+            "sources": [j.request.source for j in jobs for _ in range(j.request.n)], "strength": first.strength}
         self.metrics.sampler_batch.observe(len(prompts))
-        with torch.no_grad():
-            if first.source is not None:
-                pixels = torch.stack([j.request.source for j in jobs for _ in range(j.request.n)])
-                start = (model.tokenizer.encode(pixels.to(self.pipe.engine.device)), 1.0 - first.strength)
-            self._step_started = time.monotonic()
-            latents = self.pipe.generate_latents(prompts, seeds=seeds, steps=first.steps, cfg_scale=first.cfg_scale,
-                                                 shift=first.shift, start=start,
-                                                 callback=lambda _step: self._between_steps(jobs))
-            images = [to_pil(p) for p in model.tokenizer.decode(latents)]
+        self._step_started = time.monotonic()
+        images = self.pipe.sample(prompts, seeds=seeds, steps=first.steps, cfg_scale=first.cfg_scale,
+                                  shift=first.shift, callback=lambda _step: self._between_steps(jobs), **edit)
         self.stats["sampler_calls"] += 1
         self.stats["image_rows"] += len(prompts)
         self.stats["largest_image_batch"] = max(self.stats["largest_image_batch"], len(prompts))
@@ -443,4 +437,4 @@ class Scheduler:
                 job.fail(e)
             with self._cond:
                 self._rows = []
-            self._batch = DecodeBatch(self.pipe.engine)
+            self._batch = self.pipe.engine.decode_batch()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cheers.config import EDIT_STRENGTH
 from cheers.errors import InputError
 from cheers.images import square_tensor
 from cheers.sequence import UND_PLACEHOLDER
@@ -439,7 +440,7 @@ def parse_image_request(body: dict, pipe, cfg: ServeConfig, source: Image.Image 
     strength = None
     pixels = None
     if source is not None:
-        strength = _number(body, "strength", 0.9, 0.0, 1.0, lo_open=True)
+        strength = _number(body, "strength", EDIT_STRENGTH, 0.0, 1.0, lo_open=True)
         pixels = square_tensor(source, pipe.image_size)
     return ImageRequest(prompt=prompt, n=n, seed=_seed(body), steps=steps, cfg_scale=cfg_scale, shift=shift,
                         source=pixels, strength=strength)

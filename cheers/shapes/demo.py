@@ -16,7 +16,6 @@ and semantic encoder stay), then scores it the same way.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def parse_args(argv):
     from cheers.shapes.release import MODEL_FILE
     from cheers.shapes.scenes import OBJECT_SIZES
 
-    ap = OneLineParser(prog="cheers demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="cheers demo", description=__doc__)
     ap.add_argument("--out", type=output_folder, default=Path("outputs/shapes-demo"),
                     help="the report's folder (default outputs/shapes-demo)")
     ap.add_argument("--model", type=Path, default=MODEL_FILE,

@@ -1,4 +1,8 @@
-"""Continuous batching of text decoding: rows share one KV cache and join or leave between steps.
+"""Batched text decoding: rows share one KV cache and join or leave between steps.
+
+``Engine.decode_text`` runs its eager steps through a ``DecodeBatch`` whose rows all join at
+once; the server keeps one open (``Engine.decode_batch``) that requests join and leave
+(continuous batching).
 
 Every row is left-padded to the cache's width (doc id -1 on padding), so one masked forward
 advances all rows by a token. A row joining is prefilled on its own batch and its cache is
@@ -16,9 +20,22 @@ import torch
 import torch.nn.functional as F
 
 from cheers.attention import build_dense_mask
-from cheers.engine import Engine, pick_token
 from cheers.errors import InputError
 from cheers.kv_cache import KVCache
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [R, V] -> token ids [R]: argmax at temperature 0, else top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -56,8 +73,8 @@ class DecodeBatch:
     finished, then ``advance`` the others by the tokens they picked; repeat.
     """
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine):
+        self.engine = engine  # a ``cheers.engine.Engine``: its ``prefill`` and its model's LLM
         self.cache: KVCache | None = None
         self.doc: torch.Tensor | None = None  # [R, L]: 0 on tokens, -1 on left padding
         self.pos: torch.Tensor | None = None  # [R]: RoPE position of each row's next token
@@ -130,14 +147,14 @@ class DecodeBatch:
         self.sampling = [self.sampling[r] for r in keep]
 
     @torch.no_grad()
-    def advance(self, tokens: list[int]) -> None:
-        """Feed every row its picked token (one forward for the whole batch) -> new logits."""
+    def advance(self, tokens: list[int] | torch.Tensor) -> None:
+        """Feed every row its picked token (ids, or ``[R]`` long) in one forward -> new logits."""
         if len(tokens) != len(self):
             raise InputError(f"advance got {len(tokens)} tokens for a batch of {len(self)} rows")
-        if not tokens:
+        if not len(tokens):
             return
         llm = self.engine.model.llm
-        ids = torch.tensor(tokens, device=self.doc.device)[:, None]  # [R, 1]
+        ids = torch.as_tensor(tokens, device=self.doc.device)[:, None]  # [R, 1]
         self.doc = torch.cat([self.doc, torch.zeros_like(self.doc[:, :1])], 1)
         hidden = llm.hidden_states(ids, position_ids=self.pos[:, None],
                                    mask=build_dense_mask(self.doc, None, q_len=1), cache=self.cache)
