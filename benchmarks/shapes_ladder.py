@@ -41,9 +41,9 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
                   ) -> tuple[Path, Path, dict]:
     """Shards of ``kinds`` scenes and a tokenizer in ``work``, made once; for R4 / R5 the
     pretrained parts of ``parts_file`` (default: the ones the package ships, ``cheers.shapes.parts``)."""
-    from cheers.shapes.dataset import write_shards
+    from cheers.shapes.dataset import train_text_tokenizer, write_shards
     from cheers.shapes.parts import PARTS_FILE, load_parts
-    from cheers.shapes.training import shapes_run_config, train_text_tokenizer
+    from cheers.shapes.training import shapes_run_config
 
     data, tok_dir = work / "data", work / "tokenizer"
     if not (data / "manifest.json").is_file():

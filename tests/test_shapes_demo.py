@@ -41,7 +41,7 @@ def shapes_data(tmp_path_factory):
 
 def test_demo_tokenizer_keeps_the_chat_template_short(shapes_data):
     """The template enters the BPE corpus at its true frequency: whole words, not letters."""
-    from cheers.shapes.training import train_text_tokenizer
+    from cheers.shapes.dataset import train_text_tokenizer
     from cheers.text_tokenizer import DEFAULT_SYSTEM
 
     tok = train_text_tokenizer([shapes_data / "data"], [], vocab_size=400)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -323,17 +324,54 @@ def write_mmbench_tsv(path: str, n: int, seed: int = HELDOUT_SEED, image_size: i
     return rows
 
 
+def _corpus(shard_dir: Path) -> list[str]:
+    """Every caption and conversation turn in the shards of ``shard_dir``, read with the
+    training loader's shard index."""
+    from cheers.train.data import read_shard_records
+
+    texts = []
+    for path in sorted(shard_dir.glob("*.tar")):
+        for _key, rec in read_shard_records(path):
+            texts.append(rec.get("text", ""))
+            texts += [t["value"].replace("<image>", "") for t in rec.get("conversations", [])]
+    return texts
+
+
+def train_text_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 512):
+    """Byte-level BPE over the shards' texts plus ``extra``. Every sample also carries the
+    chat template (the system turn, the role names): it enters the corpus at that frequency,
+    or BPE leaves it in single letters (a 53-token generation prompt instead of 30)."""
+    from cheers.text_tokenizer import DEFAULT_SYSTEM, train_bpe
+
+    corpus = list(extra)
+    for d in shard_dirs:
+        corpus += _corpus(d)
+    corpus += [DEFAULT_SYSTEM, "system", "user", "assistant"] * len(corpus)  # as the template encodes them
+    return train_bpe(corpus, vocab_size=vocab_size)
+
+
+def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size: str,
+                   vocab_size: int = 512) -> None:
+    """The world's tokenizer in ``tok_dir``, made once: BPE over the shards' texts and 200
+    MMBench prompts (their option layout appears in no training sample)."""
+    from cheers.shapes.texts import format_mmbench_prompt
+
+    if (tok_dir / "tokenizer.json").is_file():
+        return
+    extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
+             for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
+    train_text_tokenizer(shard_dirs, extra, vocab_size).save(tok_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m cheers.shapes.dataset --out DIR``: training shards of the shapes world in DIR
     and, in DIR/tokenizer, a byte-level BPE over their texts sized for the flavour it trains."""
     import argparse
-    from pathlib import Path
 
     from tqdm import tqdm
 
     from cheers.config import flavour
     from cheers.shapes.scenes import OBJECT_SIZES
-    from cheers.shapes.training import make_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m cheers.shapes.dataset", description=main.__doc__)
     ap.add_argument("--out", type=Path, required=True, help="folder for shapes-000000.tar, ... and tokenizer/")

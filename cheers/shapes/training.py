@@ -17,52 +17,12 @@ from cheers.errors import CheersError
 CONFIG = recipe_path("shapes")
 
 
-def _corpus(shard_dir: Path) -> list[str]:
-    """Every caption and conversation turn in the shards of ``shard_dir``, read with the
-    training loader's shard index."""
-    from cheers.train.data import read_shard_records
-
-    texts = []
-    for path in sorted(shard_dir.glob("*.tar")):
-        for _key, rec in read_shard_records(path):
-            texts.append(rec.get("text", ""))
-            texts += [t["value"].replace("<image>", "") for t in rec.get("conversations", [])]
-    return texts
-
-
-def train_text_tokenizer(shard_dirs: list[Path], extra: list[str], vocab_size: int = 512):
-    """Byte-level BPE over the shards' texts plus ``extra``. Every sample also carries the
-    chat template (the system turn, the role names): it enters the corpus at that frequency,
-    or BPE leaves it in single letters (a 53-token generation prompt instead of 30)."""
-    from cheers.text_tokenizer import DEFAULT_SYSTEM, train_bpe
-
-    corpus = list(extra)
-    for d in shard_dirs:
-        corpus += _corpus(d)
-    corpus += [DEFAULT_SYSTEM, "system", "user", "assistant"] * len(corpus)  # as the template encodes them
-    return train_bpe(corpus, vocab_size=vocab_size)
-
-
-def make_tokenizer(tok_dir: Path, shard_dirs: list[Path], seed: int, object_size: str,
-                   vocab_size: int = 512) -> None:
-    """The world's tokenizer in ``tok_dir``, made once: BPE over the shards' texts and 200
-    MMBench prompts (their option layout appears in no training sample)."""
-    from cheers.shapes.dataset import mmbench_rows
-    from cheers.shapes.texts import format_mmbench_prompt
-
-    if (tok_dir / "tokenizer.json").is_file():
-        return
-    extra = [format_mmbench_prompt(r["question"], [r[c] for c in "ABCD" if r[c]], r["hint"] or None)
-             for r in mmbench_rows(200, seed=seed + 100, circular=False, object_size=object_size)]
-    train_text_tokenizer(shard_dirs, extra, vocab_size).save(tok_dir)
-
-
 def prepare(out: Path, n_train: int, seed: int, log, i2t_turns: int = 3,
             object_size: str = "standard") -> tuple[Path, Path]:
     """Shards of the whole world and of one- and two-object scenes (the curriculum's start),
     ``i2t_turns`` questions per understanding sample, multiple choices answered with the
     option's text, and a tokenizer over them; returns (shard dir, tokenizer dir)."""
-    from cheers.shapes.dataset import write_shards
+    from cheers.shapes.dataset import make_tokenizer, write_shards
 
     data, easy = out / "data", out / "data-easy"
     wanted = {"i2t_turns": i2t_turns, "object_size": object_size}
@@ -162,7 +122,7 @@ def prepare_world(work: Path, n_samples: int, seed: int, object_size: str, log=p
     """Training shards (the demo's task mix, three questions per understanding sample, multiple
     choices answered with the option's text) and a byte-level BPE tokenizer over them, made once
     in ``work``; a folder holding another world is refused."""
-    from cheers.shapes.dataset import write_shards
+    from cheers.shapes.dataset import make_tokenizer, write_shards
 
     data, tok_dir = work / "data", work / "tokenizer"
     manifest = data / "manifest.json"
