@@ -94,7 +94,8 @@ def compare(runs: list[Path], figure: Path) -> str:
             ax.plot([p["step"] for p in rec["points"]], [p.get(key, float("nan")) for p in rec["points"]],
                     marker="o", label=f"{rec['object_size']} objects")
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel("optimiser steps")
+        ax.set_xlabel("optimiser steps (thousands)")
+        ax.xaxis.set_major_formatter(lambda x, _pos: f"{x / 1000:g}")
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
