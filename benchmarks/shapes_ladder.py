@@ -305,6 +305,8 @@ def load_rung(task, cfg, ckpt: Path, ema: bool, rung: str):
 def rescore(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict], steps: int, cfg_scale: float) -> int:
     """Score each point of ``record`` whose checkpoint the run kept again with today's measures
     (the points' other figures stay); a point without its checkpoint is named and kept as it was."""
+    if not record["points"]:
+        raise CheersError(f"--rescore: {args.out / 'ladder.json'} holds no scored points to score again")
     for row in record["points"]:
         ckpt = run_dir / f"step_{row['step']:07d}"
         if not ckpt.is_dir():
