@@ -13,7 +13,13 @@ reports the GenEval tags, the share of images whose largest object has the promp
 (colors prompts), on single_object prompts (which name the shape only) the share whose largest
 object has the prompt's shape and the share with exactly one object (coherent), the share of
 empty images, and seconds per step. Writes DIR/ladder.json, DIR/curve.png and a sample grid per
-point; ``--rescore`` scores the kept checkpoints again with these measures.
+point; ``--rescore`` scores the kept checkpoints again with these measures, and ``--loss-by-time``
+adds to each point the pixel error of the clean image the model predicts at fixed noise times
+(where in the denoising a rung falls behind another).
+
+    python benchmarks/shapes_ladder.py compare FIGURE.png DIR [DIR ...]
+
+prints the runs' points as markdown tables and draws their shape and coherence curves.
 """
 
 from __future__ import annotations
@@ -67,14 +73,16 @@ def prepare_world(work: Path, n_samples: int, rung: str, seed: int, parts_file: 
 class RungTask:
     """The trainer's task for one rung (``train.task`` protocol)."""
 
-    def __init__(self, rung: str, parts: dict, tok_dir: Path, token_px: int | None = None, pixel_scale: float = 1.0):
+    def __init__(self, rung: str, parts: dict, tok_dir: Path, token_px: int | None = None, pixel_scale: float = 1.0,
+                 llm_time: bool = False):
         self.rung, self.parts, self.tok_dir, self.token_px = rung, parts, tok_dir, token_px
+        self.llm_time = llm_time
         self.pixel_scale = pixel_scale
 
     def build_model(self, cfg):
         from shapes_ladder_rungs import build_rung
 
-        return build_rung(cfg, self.rung, self.parts, self.token_px, self.pixel_scale)
+        return build_rung(cfg, self.rung, self.parts, self.token_px, self.pixel_scale, self.llm_time)
 
     def build_collate(self, cfg):
         from cheers.collate import make_collate
@@ -167,6 +175,50 @@ def write_curve(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_label(record: dict) -> str:
+    """A rung's run in a few words: the rung and what its arguments change."""
+    parts = [record["rung"]]
+    if record.get("token_px"):
+        parts.append(f"{record['token_px']} px tokens")
+    if record.get("llm_time"):
+        parts.append("time into the LLM")
+    if record.get("scene_kinds", ["single", "two"]) != ["single", "two"]:
+        parts.append("all scene kinds" if len(record["scene_kinds"]) == len(SCENE_KINDS)
+                     else "+".join(record["scene_kinds"]))
+    for o in record.get("overrides", []):
+        if o.startswith("model.llm.num_hidden_layers="):
+            parts.append(f"{o.split('=')[1]} LLM layers")
+        elif o != "train.schedule=constant":
+            parts.append(o)
+    return ", ".join(parts)
+
+
+TABLE = ("coherent", "shape_right", "colour_right", "single_object", "two_object", "colors")
+
+
+def compare(runs: list[Path], figure: Path) -> str:
+    """Markdown tables of the runs' points (the scores, then the error by time where measured)
+    and one figure of their shape and coherence curves."""
+    from shapes_scaling import draw_runs
+
+    records = [json.loads((r / "ladder.json").read_text()) for r in runs]
+    lines = ["| run | step | " + " | ".join(TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+    timed = []
+    for rec in records:
+        for p in rec["points"]:
+            lines.append(f"| {run_label(rec)} | {p['step']} | " + " | ".join(f"{p[k]:.3f}" for k in TABLE) + " |")
+            if "error_by_time" in p:
+                timed.append((run_label(rec), p))
+    if timed:
+        times = timed[0][1]["error_times"]
+        lines += ["", "| run | step | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+                  "|---|---|" + "---|" * len(times)]
+        lines += [f"| {label} | {p['step']} | " + " | ".join(f"{1000 * e:.1f}" for e in p["error_by_time"]) + " |"
+                  for label, p in timed]
+    draw_runs(records, ("shape_right", "coherent"), run_label, figure, panel=(5.0, 3.8))
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     from shapes_ladder_rungs import RUNGS
 
@@ -182,7 +234,12 @@ def parse_args(argv):
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts per tag (4 images each)")
     ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default: the flavour's)")
     ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the flavour's)")
-    ap.add_argument("--token-px", type=int, default=None, help="R0-R2: pixels per image token a side")
+    ap.add_argument("--token-px", type=int, default=None, help="R0-R3: pixels per image token a side")
+    ap.add_argument("--llm-time", action="store_true",
+                    help="R2 / R3: add the time embedding to the LLM's image tokens (the LLM otherwise never sees t)")
+    ap.add_argument("--loss-by-time", action="store_true",
+                    help="for the kept checkpoints of DIR/ladder.json, the pixel error of the clean-image "
+                         "prediction at fixed noise times on held-out scenes, without training")
     ap.add_argument("--rescore", action="store_true",
                     help="score the kept checkpoints of the points in DIR/ladder.json again, without training")
     ap.add_argument("--stop-at", type=int, default=None,
@@ -213,6 +270,16 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["compare"]:  # compare FIGURE.png DIR [DIR ...]
+        if len(argv) < 3:
+            raise SystemExit("usage: shapes_ladder.py compare FIGURE.png DIR [DIR ...]")
+        missing = [d for d in argv[2:] if not (Path(d) / "ladder.json").is_file()]
+        if missing:
+            raise SystemExit(f"compare: no ladder.json in {', '.join(missing)}")
+        print(compare([Path(d) for d in argv[2:]], Path(argv[1])))
+        return 0
     args = parse_args(argv)
     from shapes_ladder_rungs import RUNGS, rung_config
 
@@ -236,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             *([f"train.trainable={trainable}"] if trainable else []), *args.overrides]
     cfg = shapes_run_config(over)
     cfg = dataclasses.replace(cfg, model=rung_config(cfg.model, args.rung, args.token_px))
-    task = RungTask(args.rung, parts, tok_dir, args.token_px, args.pixel_scale)
+    task = RungTask(args.rung, parts, tok_dir, args.token_px, args.pixel_scale, args.llm_time)
     tok = TextTokenizer.from_dir(tok_dir)
     meta = [m for m in write_geneval_metadata(str(args.out / "geneval_metadata.jsonl"), args.prompts,
                                               seed=args.seed + 1) if m["tag"] in TAGS]
@@ -245,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_scale = tc.cfg_scale if args.cfg_scale is None else args.cfg_scale
     record = {"rung": args.rung, "what": RUNGS[args.rung], "steps": args.steps, "token_px": args.token_px,
               "object_size": args.object_size, "scene_kinds": args.scene_kinds,
-              "pixel_scale": args.pixel_scale,
+              "pixel_scale": args.pixel_scale, "llm_time": args.llm_time,
               "overrides": args.overrides, "sample_steps": steps, "cfg_scale": cfg_scale,
               "images_per_tag": 4 * args.prompts, "threads": torch.get_num_threads(), "points": []}
     done = 0
@@ -254,12 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         same = all(old.get(k) == record[k] for k in ("rung", "steps", "token_px", "pixel_scale", "overrides", "cfg_scale")) \
             and old.get("object_size", "standard") == args.object_size \
+            and old.get("llm_time", False) == args.llm_time \
             and old.get("scene_kinds", ["single", "two"]) == args.scene_kinds
         if not same:
             raise CheersError(f"{previous} holds another run ({old.get('rung')}, {old.get('overrides')}): "
                               "use another --out")
         record["points"] = old["points"]
         done = record["points"][-1]["step"] if record["points"] else 0
+    if args.loss_by_time:
+        return loss_by_time(args, record, run_dir, task, cfg, tok, meta)
     if args.rescore:
         return rescore(args, record, run_dir, task, cfg, tok, meta, steps, cfg_scale)
     for point in args.points:
@@ -302,17 +372,23 @@ def load_rung(task, cfg, ckpt: Path, ema: bool, rung: str):
     return model
 
 
-def rescore(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict], steps: int, cfg_scale: float) -> int:
-    """Score each point of ``record`` whose checkpoint the run kept again with today's measures
-    (the points' other figures stay); a point without its checkpoint is named and kept as it was."""
+def kept_points(args, record: dict, run_dir: Path, task, cfg, flag: str):
+    """(row, model) for each point of ``record`` whose checkpoint the run kept; a point without
+    its checkpoint is named and left as it is."""
     if not record["points"]:
-        raise CheersError(f"--rescore: {args.out / 'ladder.json'} holds no scored points to score again")
+        raise CheersError(f"{flag}: {args.out / 'ladder.json'} holds no scored points")
     for row in record["points"]:
         ckpt = run_dir / f"step_{row['step']:07d}"
         if not ckpt.is_dir():
-            print(f"no checkpoint {ckpt}: step {row['step']} keeps its scores", flush=True)
+            print(f"no checkpoint {ckpt}: step {row['step']} is left as it is", flush=True)
             continue
-        model = load_rung(task, cfg, ckpt, cfg.train.ema_decay > 0, args.rung)
+        yield row, load_rung(task, cfg, ckpt, cfg.train.ema_decay > 0, args.rung)
+
+
+def rescore(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict], steps: int, cfg_scale: float) -> int:
+    """Score each point of ``record`` whose checkpoint the run kept again with today's measures
+    (the points' other figures stay)."""
+    for row, model in kept_points(args, record, run_dir, task, cfg, "--rescore"):
         scores, _ = evaluate(model, cfg.model, tok, meta, n_images=4, steps=steps, cfg_scale=cfg_scale,
                              seed=args.seed + 1)
         row.update(scores)
@@ -320,6 +396,49 @@ def rescore(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict],
         print(json.dumps({"rung": args.rung, "rescored": True, **{k: (round(v, 3) if isinstance(v, float) else v)
                                                                    for k, v in row.items()}}), flush=True)
     write_curve(record["points"], args.out / "curve.png", f"{args.rung}: {record['what']}")
+    return 0
+
+
+LOSS_TIMES = (0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8, 0.95)
+
+
+@torch.no_grad()
+def prediction_error_by_time(model, cfg, tok, meta: list[dict], object_size: str, seed: int,
+                             times=LOSS_TIMES) -> list[float]:
+    """Mean squared pixel error of the model's clean-image prediction at each noise time in
+    ``times`` (t = 0 is noise), over two reference scenes per single_object record, one noise
+    draw shared by every t. In pixels, so rungs with other latents compare."""
+    from cheers.flow_head.transport import interpolate, x1_from_velocity
+    from cheers.sequence import expand_placeholders, pack
+    from cheers.shapes.scenes import render, scene_for_metadata
+
+    model.eval()
+    rng = np.random.default_rng([seed, 17])
+    recs = [m for m in meta if m["tag"] == "single_object" for _ in range(2)]
+    scenes = [scene_for_metadata(m, rng, cfg.tokenizer.image_size, object_size) for m in recs]
+    pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    batch = pack([expand_placeholders(tok.t2i_sample(m["prompt"])[0], None, cfg, [im], [True])
+                  for m, im in zip(recs, pixels)], cfg)
+    x1 = model.latent.encode(pixels) if hasattr(model, "latent") else model.tokenizer.encode(pixels)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    errors = []
+    for t0 in times:
+        t = torch.full((x1.shape[0],), float(t0))
+        xt = interpolate(x1, x0, t)
+        x1_pred = x1_from_velocity(model.velocity_at(batch, xt, t), xt, t, t_min=cfg.transport.x1_loss_t_min)
+        errors.append(float(((model.decode(x1_pred) - pixels) ** 2).mean()))
+    return errors
+
+
+def loss_by_time(args, record: dict, run_dir: Path, task, cfg, tok, meta: list[dict]) -> int:
+    """``prediction_error_by_time`` of every point whose checkpoint the run kept, stored in the
+    point's row of DIR/ladder.json (``error_by_time``, with ``error_times``)."""
+    for row, model in kept_points(args, record, run_dir, task, cfg, "--loss-by-time"):
+        row["error_times"] = list(LOSS_TIMES)
+        row["error_by_time"] = prediction_error_by_time(model, cfg.model, tok, meta, args.object_size, args.seed + 1)
+        (args.out / "ladder.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps({"rung": args.rung, "step": row["step"],
+                          "error_by_time": [round(v, 4) for v in row["error_by_time"]]}), flush=True)
     return 0
 
 

@@ -4,7 +4,8 @@ model, one part added per rung, so a learning curve per rung shows where learnin
     R0  pixel DiT; the caption's mean token embedding joins the time in adaLN
     R1  R0, with the caption embedding read from the LLM's state at <im_start> (LLM trained jointly)
     R2  image tokens inside the LLM sequence (bidirectional image block); a plain head reads
-        the velocity from their final states
+        the velocity from their final states (``llm_time``: the time embedding is added to the
+        image tokens, so the LLM sees t, which the released model's LLM does not)
     R3  R2 + the cascaded head (stage A, the gated detail residual, stage B)
     R4  R3 + the frozen semantic encoder on the noisy input and the 2x2 compressor (the Cheers
         vision tokenizer on a lossless pixel latent)
@@ -146,11 +147,13 @@ class LadderNet(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, rung: str, dit_depth: int = 6, dit_token_px: int | None = None,
-                 pixel_scale: float = 1.0):
+                 pixel_scale: float = 1.0, llm_time: bool = False):
         super().__init__()
         if rung not in ("R0", "R1", "R2", "R3"):
             raise ConfigError(f"LadderNet builds R0-R3, not {rung!r}")
-        self.cfg, self.rung = cfg, rung
+        if llm_time and rung not in ("R2", "R3"):
+            raise ConfigError(f"llm_time adds the time to the LLM's image tokens: R2 / R3 only, not {rung}")
+        self.cfg, self.rung, self.llm_time = cfg, rung, llm_time
         d = cfg.llm.hidden_size
         # R0 / R1 never put image tokens in the sequence: their DiT grid is free of cfg's
         cell = dit_token_px // 2 if dit_token_px and rung in ("R0", "R1") else cfg.tokenizer.vae.downsample
@@ -165,7 +168,7 @@ class LadderNet(nn.Module):
             self.caption = nn.Embedding(cfg.llm.vocab_size, d)
         else:
             self.llm = LLM(cfg.llm)
-        if rung in ("R0", "R1", "R2"):
+        if rung in ("R0", "R1", "R2") or llm_time:
             hc = cfg.head
             self.time_mlp = nn.Sequential(nn.Linear(hc.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         if rung in ("R0", "R1"):
@@ -189,7 +192,7 @@ class LadderNet(nn.Module):
             nn.init.normal_(self.caption.weight, std=0.02)
         else:
             self.llm.init_weights()
-        if self.rung in ("R0", "R1", "R2"):
+        if self.rung in ("R0", "R1", "R2") or self.llm_time:
             normal_linears_(self.time_mlp)
         if self.rung in ("R0", "R1"):
             normal_linears_(self.cond_in)
@@ -247,6 +250,8 @@ class LadderNet(nn.Module):
             temb = self.time_embedding(t) + self.cond_in(cond)[:, None]
             out = self.dit(tokens, temb, torch.arange(self.n, device=xt.device))
             return self.untokens(out), ce
+        if self.llm_time:  # the LLM sees t, as R0's DiT blocks do through adaLN
+            tokens = tokens + self.time_embedding(t)
         hidden = self._llm_hidden(batch, tokens)
         ce = text_ce(hidden, self.llm.lm_head.weight, batch.targets)
         h_img = image_states(batch, hidden, self.n)
@@ -313,27 +318,28 @@ class CheersRung(CheersModel):
 
 
 def rung_config(cfg: ModelConfig, rung: str, token_px: int | None = None) -> ModelConfig:
-    """The model config a rung runs on: R0-R4 on a pixel latent; R2 with LLM image tokens of
+    """The model config a rung runs on: R0-R4 on a pixel latent; R2 / R3 with LLM image tokens of
     ``token_px`` pixels (default: the LLM-token size of ``cfg``). R0 / R1 take ``token_px``
     in ``build_rung``: their sequences carry no image tokens."""
     if rung not in RUNGS:
         raise ConfigError(f"unknown rung {rung!r}; known: {', '.join(RUNGS)}")
     if token_px is not None:
-        if rung not in ("R0", "R1", "R2"):
-            raise ConfigError(f"token_px applies to R0-R2 (their token grid is free), not {rung}")
-        if rung == "R2":
+        if rung not in ("R0", "R1", "R2", "R3"):
+            raise ConfigError(f"token_px applies to R0-R3 (their pixel latent has a free grid), not {rung}; "
+                              "R4 / R5 take the grid of their pretrained parts")
+        if rung in ("R2", "R3"):
             cfg = with_token_px(cfg, token_px)
     return cfg if rung == "R5" else with_pixel_latent(cfg)
 
 
 def build_rung(cfg: ModelConfig, rung: str, parts: dict | None = None, token_px: int | None = None,
-               pixel_scale: float = 1.0) -> nn.Module:
+               pixel_scale: float = 1.0, llm_time: bool = False) -> nn.Module:
     """The rung's model, built (not initialised) from the config ``rung_config`` gave."""
     if rung in ("R4", "R5"):
         if not parts or "siglip" not in parts or (rung == "R5" and "vae" not in parts):
             raise ConfigError(f"{rung} needs pretrained parts: siglip" + (" and vae" if rung == "R5" else ""))
         return CheersRung(cfg, rung, parts, pixel_scale)
-    return LadderNet(cfg, rung, dit_token_px=token_px, pixel_scale=pixel_scale)
+    return LadderNet(cfg, rung, dit_token_px=token_px, pixel_scale=pixel_scale, llm_time=llm_time)
 
 
 @torch.no_grad()

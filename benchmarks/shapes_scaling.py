@@ -76,33 +76,39 @@ TABLE = ("coherent", "shape_right", "colour_right", "geneval_single_object", "ge
 def compare(runs: list[Path], figure: Path) -> str:
     """A markdown table of every point of ``runs`` (folders with scaling.json) and one figure of
     the shape, coherence and colour curves of all of them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [json.loads((r / "scaling.json").read_text()) for r in runs]
     lines = ["| objects | step | " + " | ".join(TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
     for rec in records:
         for p in rec["points"]:
             cells = [f"{p[k]:.3f}" if isinstance(p.get(k), float) and math.isfinite(p[k]) else "-" for k in TABLE]
             lines.append(f"| {rec['object_size']} | {p['step']} | " + " | ".join(cells) + " |")
-    keys = ("shape_right", "coherent", "colour_right", "mmbench_shape", "open_shape")
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), sharey=True)
+    draw_runs(records, ("shape_right", "coherent", "colour_right", "mmbench_shape", "open_shape"),
+              lambda rec: f"{rec['object_size']} objects", figure)
+    return "\n".join(lines)
+
+
+def draw_runs(records: list[dict], keys, label, figure: Path, panel: tuple[float, float] = (3.2, 3.2)) -> None:
+    """One panel per measure in ``keys``, one curve per run (``label(record)`` in the legend),
+    over the steps of the runs' ``points``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(panel[0] * len(keys), panel[1]), sharey=True)
     for ax, key in zip(axes, keys):
         for rec in records:
             ax.plot([p["step"] for p in rec["points"]], [p.get(key, float("nan")) for p in rec["points"]],
-                    marker="o", label=f"{rec['object_size']} objects")
+                    marker="o", label=label(rec))
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("optimiser steps (thousands)")
         ax.xaxis.set_major_formatter(lambda x, _pos: f"{x / 1000:g}")
         ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     plt.close(fig)
-    return "\n".join(lines)
 
 
 def parse_args(argv):

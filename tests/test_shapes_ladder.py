@@ -48,8 +48,13 @@ def test_token_geometry():
         with_token_px(cfg, 6)
     with pytest.raises(ConfigError, match="unknown rung"):
         rung_config(cfg, "R9")
-    with pytest.raises(ConfigError, match="token_px applies to R0-R2"):
-        rung_config(cfg, "R3", token_px=8)
+    with pytest.raises(ConfigError, match="token_px applies to R0-R3"):
+        rung_config(cfg, "R4", token_px=8)
+    # R3 at 8 px tokens: the cascaded head's grid and the pixel latent follow the geometry
+    r3 = build_rung(rung_config(cfg, "R3", token_px=8), "R3", token_px=8)
+    assert r3.n == 64 and r3.latent_shape == (48, 16, 16) and r3.head.grid == 16
+    with pytest.raises(ConfigError, match="R2 / R3 only"):
+        build_rung(rung_config(cfg, "R0"), "R0", llm_time=True)
     with pytest.raises(ConfigError, match="pretrained parts"):
         build_rung(rung_config(cfg, "R5"), "R5", parts={})
 
@@ -59,13 +64,14 @@ def _batch(cfg, prompts_ids: list[list[int]], images: torch.Tensor):
     return pack(seqs, cfg)
 
 
-@pytest.mark.parametrize("rung", ["R0", "R1", "R2", "R3"])
-def test_pixel_rungs_train_and_sample(rung):
+@pytest.mark.parametrize("rung, llm_time", [("R0", False), ("R1", False), ("R2", False), ("R3", False),
+                                            ("R2", True)])
+def test_pixel_rungs_train_and_sample(rung, llm_time):
     """Forward gives the loss dict with a gradient everywhere it should; the sampler's
     velocity is the one the training loss reads (same x1 prediction at the same xt, t)."""
     torch.manual_seed(0)
     cfg = rung_config(flavour("shapes"), rung, 8 if rung == "R0" else None)
-    model = build_rung(cfg, rung, token_px=8 if rung == "R0" else None, pixel_scale=2.0)
+    model = build_rung(cfg, rung, token_px=8 if rung == "R0" else None, pixel_scale=2.0, llm_time=llm_time)
     model.init_weights()
     for p in model.parameters():  # leave the zero-initialised outputs: the test needs signal
         if p.dim() > 1 and p.abs().sum() == 0:
@@ -121,6 +127,18 @@ def test_harness_runs_r0_two_steps_and_writes_json(tmp_path):
     other = subprocess.run([*cmd, "train.lr=1e-4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert other.returncode != 0 and "holds another run" in other.stderr
     _sampling_batch_keeps_prompt_order(tmp_path / "work" / "tokenizer", record)
+    # the error-by-time instrument reads the kept checkpoints and writes into the same rows
+    timed = subprocess.run([*cmd, "--loss-by-time"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    for point in json.loads((out / "ladder.json").read_text())["points"]:
+        assert len(point["error_by_time"]) == len(point["error_times"]) == 8
+        assert all(0.0 < e < 4.0 for e in point["error_by_time"])  # pixels in [0, 1], predictions unclamped
+    # compare: a row per point in each table, and the figure
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shapes_ladder.py"), "compare",
+                            str(tmp_path / "cmp.png"), str(out)], capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert sum(line.startswith("| R0, train.global_batch=4") for line in table.stdout.splitlines()) == 4  # 2 x 2 tables
+    assert (tmp_path / "cmp.png").is_file()
     # the colour probe reads the run's checkpoint
     probe = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shapes_colour_probe.py"), "--run", str(out),
                             "--step", "2", "--scenes", "3", "--times", "0", "0.5", "--work", str(tmp_path / "work"),
