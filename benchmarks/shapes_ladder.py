@@ -258,6 +258,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.llm_time and args.rung not in ("R2", "R3"):
+        ap.error(f"--llm-time applies to R2 and R3 (their LLM reads the image tokens), not {args.rung}")
     if args.prompts < 1 or args.samples < 1:
         ap.error("--prompts and --samples must be >= 1")
     if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
