@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = [COLOURS[(COLOURS.index(c) + 1 + int(rng.integers(len(COLOURS) - 1))) % len(COLOURS)] for c in true]
     background = torch.tensor(BACKGROUND, dtype=torch.float32) / 255
     directions = F.normalize(torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32) / 255 - background, dim=-1)
-    encode = model.latent.encode if hasattr(model, "latent") else model.tokenizer.encode
-    x1 = encode(pixels)
+    x1 = model.encode(pixels)
     n = len(scenes)
     cfg_scale = record["cfg_scale"]
 

@@ -76,8 +76,7 @@ class RungTask:
     def __init__(self, rung: str, parts: dict, tok_dir: Path, token_px: int | None = None, pixel_scale: float = 1.0,
                  llm_time: bool = False):
         self.rung, self.parts, self.tok_dir, self.token_px = rung, parts, tok_dir, token_px
-        self.llm_time = llm_time
-        self.pixel_scale = pixel_scale
+        self.pixel_scale, self.llm_time = pixel_scale, llm_time
 
     def build_model(self, cfg):
         from shapes_ladder_rungs import build_rung
@@ -205,10 +204,11 @@ def compare(runs: list[Path], figure: Path) -> str:
     lines = ["| run | step | " + " | ".join(TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
     timed = []
     for rec in records:
+        label = run_label(rec)
         for p in rec["points"]:
-            lines.append(f"| {run_label(rec)} | {p['step']} | " + " | ".join(f"{p[k]:.3f}" for k in TABLE) + " |")
+            lines.append(f"| {label} | {p['step']} | " + " | ".join(f"{p[k]:.3f}" for k in TABLE) + " |")
             if "error_by_time" in p:
-                timed.append((run_label(rec), p))
+                timed.append((label, p))
     if timed:
         times = timed[0][1]["error_times"]
         lines += ["", "| run | step | " + " | ".join(f"t = {t:g}" for t in times) + " |",
@@ -412,16 +412,17 @@ def prediction_error_by_time(model, cfg, tok, meta: list[dict], object_size: str
     draw shared by every t. In pixels, so rungs with other latents compare."""
     from cheers.flow_head.transport import interpolate, x1_from_velocity
     from cheers.sequence import expand_placeholders, pack
-    from cheers.shapes.scenes import render, scene_for_metadata
+    from cheers.shapes.autoencoder import scene_pixels
+    from cheers.shapes.scenes import scene_for_metadata
 
     model.eval()
     rng = np.random.default_rng([seed, 17])
     recs = [m for m in meta if m["tag"] == "single_object" for _ in range(2)]
     scenes = [scene_for_metadata(m, rng, cfg.tokenizer.image_size, object_size) for m in recs]
-    pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    pixels = scene_pixels(scenes)
     batch = pack([expand_placeholders(tok.t2i_sample(m["prompt"])[0], None, cfg, [im], [True])
                   for m, im in zip(recs, pixels)], cfg)
-    x1 = model.latent.encode(pixels) if hasattr(model, "latent") else model.tokenizer.encode(pixels)
+    x1 = model.encode(pixels)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
     errors = []
     for t0 in times:

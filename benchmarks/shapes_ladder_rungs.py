@@ -13,7 +13,7 @@ model, one part added per rung, so a learning curve per rung shows where learnin
 
 Every rung takes the trainer's ``Batch`` and returns ``{"loss", "ce", "flow"}``; every rung
 predicts with ``velocity_at(batch, xt, t)``, which ``sample`` integrates with the project's
-sampler. R0-R3 see pixels through ``PixelLatent`` (RGB in [-1, 1], space-to-depth by the latent
+sampler, and maps pixels to its latent and back with ``encode`` / ``decode``. R0-R3 see pixels through ``PixelLatent`` (RGB in [-1, 1], space-to-depth by the latent
 cell), R4 too, in place of the VAE. No I/O here: the harness, ``benchmarks/shapes_ladder.py``,
 reads and writes files.
 """
@@ -267,7 +267,7 @@ class LadderNet(nn.Module):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None):
         tc = self.cfg.transport
-        x1 = self.latent.encode(batch.images)
+        x1 = self.encode(batch.images)
         t = transport.sample_time(x1.shape[0], tc, generator=generator, device=x1.device)
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         xt = transport.interpolate(x1, x0, t)
@@ -276,6 +276,9 @@ class LadderNet(nn.Module):
         flow = transport.flow_loss(v_pred, x1, x0, target=tc.loss_target, t=t, t_min=tc.x1_loss_t_min)
         loss = ce + flow
         return {"loss": loss, "ce": ce.detach(), "flow": flow.detach()}
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.latent.encode(pixels)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.latent.decode(latent)
@@ -312,6 +315,9 @@ class CheersRung(CheersModel):
         hidden = self.llm.hidden_states(inputs_embeds=embeds, position_ids=batch.position_ids, mask=mask)
         h_img = image_states(batch, hidden, self.cfg.tokens_per_image)
         return self.velocity(h_img, t, xt, patch_embeds)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(pixels)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(latent)

@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from cheers.config import flavour
     from cheers.eval.shapes_detector import detect
+    from cheers.shapes.autoencoder import scene_pixels
     from cheers.shapes.parts import PARTS_FILE, load_parts
-    from cheers.shapes.scenes import SHAPES, render, sample_scene
+    from cheers.shapes.scenes import SHAPES, sample_scene
     from cheers.tokenizer.siglip import SiglipVision
     from cheers.tokenizer.vae import VAE
 
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def scenes(n: int):
         drawn = [sample_scene(rng, cfg.image_size, kind="single", object_size="large") for _ in range(n)]
-        pixels = torch.from_numpy(np.stack([render(s) for s in drawn])).permute(0, 3, 1, 2).float() / 255
-        return pixels, torch.tensor([SHAPES.index(s.objects[0].shape) for s in drawn])
+        return scene_pixels(drawn), torch.tensor([SHAPES.index(s.objects[0].shape) for s in drawn])
 
     train_px, train_y = scenes(args.train)
     test_px, test_y = scenes(args.test)
